@@ -1,0 +1,280 @@
+"""What every training script shares: options from argv, torch.distributed setup, seeding, metrics, the
+non-finite guard and atomic, resumable checkpoints.
+
+The scripts stay single files that read top to bottom; anything here is plumbing with no algorithm in it.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import shutil
+import sys
+import time
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+
+# ----------------------------------------------------------------------------------------------- options from argv
+
+def parse_options(cls, argv: list[str] | None = None, description: str | None = None):
+    """Build an argparse parser from a dataclass of options: `--name value` for every field, `--flag/--no-flag` for
+    booleans; `--help` lists each option with its default and the field's docstring-style comment if any."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        origin = typing.get_origin(kind)
+        if origin in (typing.Union, getattr(__import__("types"), "UnionType", None)):
+            args = [a for a in typing.get_args(kind) if a is not type(None)]
+            kind = args[0]
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata.get("help", " ")
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=default,
+                                help=help_text)
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
+    return cls(**vars(parser.parse_args(argv)))
+
+
+def option(default, help: str):
+    """A dataclass field with a help text for `--help`."""
+    return dataclasses.field(default=default, metadata={"help": help})
+
+
+# ----------------------------------------------------------------------------------------------- distributed
+
+@dataclass
+class Dist:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed(device: str = "auto") -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA); a plain `python script.py` is a world of one."""
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {device!r}")
+    rank = int(os.environ.get("RANK", 0))
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if device == "cuda":
+        torch.cuda.set_device(local_rank)
+        dev = torch.device("cuda", local_rank)
+    else:
+        dev = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
+                                device_id=dev if device == "cuda" else None)
+    return Dist(rank, world, local_rank, dev)
+
+
+def close_distributed() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Concatenate equally-shaped tensors from every rank along dim 0, in rank order (identity for one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    parts = [torch.empty_like(t) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, t.contiguous())
+    return torch.cat(parts)
+
+
+def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return t
+    t = t.clone()
+    dist.all_reduce(t)
+    return t / dist.get_world_size()
+
+
+def average_gradients(params: list[torch.nn.Parameter]) -> None:
+    """Average the gradients of the trained parameters over ranks (what DDP does for adapter training, written out so
+    that one and several processes run the same code path and give the same result)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset:offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def split_for_rank(n_global: int, d: Dist, what: str) -> slice:
+    """The contiguous slice of a global batch this rank owns; the global size must divide across ranks."""
+    if n_global % d.world:
+        raise ValueError(f"{what}={n_global} does not divide across {d.world} ranks")
+    per = n_global // d.world
+    return slice(d.rank * per, (d.rank + 1) * per)
+
+
+# ----------------------------------------------------------------------------------------------- seeding, dtype
+
+def seed_everything(seed: int) -> torch.Generator:
+    """Seed torch (all devices) and return the generator that drives data order and sampling noise. Every rank uses
+    the same seed: ranks draw their share of a global batch from the same global stream, which is what makes one
+    process and N processes give the same result."""
+    torch.manual_seed(seed)
+    return torch.Generator().manual_seed(seed)
+
+
+def parse_dtype(name: str) -> torch.dtype:
+    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if name not in table:
+        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
+    return table[name]
+
+
+# ----------------------------------------------------------------------------------------------- metrics
+
+class MetricsLogger:
+    """One line per step to stdout (rank 0) and one JSON object per step to `path` (rank 0), with s/step and ETA."""
+
+    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, resume: bool = False):
+        self.total = total_steps
+        self.is_main = is_main
+        self.file = None
+        if is_main and path is not None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "a" if resume else "w")
+        self.last = time.perf_counter()
+
+    def log(self, step: int, metrics: dict) -> None:
+        now = time.perf_counter()
+        sec = now - self.last
+        self.last = now
+        if not self.is_main:
+            return
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "s_per_step": round(sec, 4)}
+        if self.file is not None:
+            self.file.write(json.dumps(row) + "\n")
+            self.file.flush()
+        eta = sec * max(self.total - step, 0)
+        shown = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "step")
+        print(f"step {step}/{self.total} {shown} eta {_duration(eta)}", flush=True)
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+
+
+def _plain(v):
+    if isinstance(v, torch.Tensor):
+        v = v.item()
+    if isinstance(v, float) and not math.isfinite(v):
+        return str(v)
+    return v
+
+
+def _fmt(v) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+def _duration(sec: float) -> str:
+    sec = int(sec)
+    return f"{sec // 3600}h{sec % 3600 // 60:02d}m{sec % 60:02d}s" if sec >= 3600 else f"{sec // 60}m{sec % 60:02d}s"
+
+
+class NonFiniteGuard:
+    """Skip steps whose loss or reward is NaN/inf with a warning; stop the run after `limit` in a row."""
+
+    def __init__(self, limit: int = 5):
+        self.limit = limit
+        self.in_a_row = 0
+
+    def bad(self, step: int, **values: torch.Tensor | float) -> bool:
+        bad = [k for k, v in values.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())]
+        if not bad:
+            self.in_a_row = 0
+            return False
+        self.in_a_row += 1
+        print(f"warning: step {step}: non-finite {', '.join(bad)}; step skipped "
+              f"({self.in_a_row} in a row, stopping at {self.limit})", file=sys.stderr, flush=True)
+        if self.in_a_row >= self.limit:
+            raise RuntimeError(f"{self.limit} steps in a row with non-finite {', '.join(bad)}; stopping at step {step}")
+        return True
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+def save_checkpoint(run_dir: str | Path, step: int, state: dict, write_extra=None) -> Path:
+    """Write `run_dir/step_{step:08d}/` atomically: everything goes into a temp folder which is renamed into place,
+    then `run_dir/latest` is replaced atomically. A run killed mid-save leaves at worst a stray temp folder, never
+    a checkpoint that `latest` points to and that loads wrong. `write_extra(folder)` adds files (e.g. a PEFT adapter)."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    final = run_dir / f"step_{step:08d}"
+    tmp = run_dir / f".tmp_step_{step:08d}_{os.getpid()}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    torch.save({"step": step, **state}, tmp / "state.pt")
+    if write_extra is not None:
+        write_extra(tmp)
+    (tmp / "COMPLETE").write_text(str(step))
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+    pointer = run_dir / f".latest.tmp.{os.getpid()}"
+    pointer.write_text(final.name)
+    os.replace(pointer, run_dir / "latest")
+    return final
+
+
+def latest_checkpoint(run_dir: str | Path) -> Path | None:
+    run_dir = Path(run_dir)
+    pointer = run_dir / "latest"
+    if not pointer.exists():
+        return None
+    folder = run_dir / pointer.read_text().strip()
+    if not (folder / "COMPLETE").exists():
+        raise RuntimeError(f"{pointer} names {folder}, which is not a complete checkpoint")
+    return folder
+
+
+def load_checkpoint_state(folder: str | Path, options: dict, compare: tuple[str, ...]) -> dict:
+    """Read `state.pt` and refuse a checkpoint written by a run whose options differ in any of `compare`."""
+    state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    saved = state.get("options", {})
+    diff = {k: (saved.get(k), options.get(k)) for k in compare if saved.get(k) != options.get(k)}
+    if diff:
+        shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
+        raise ValueError(f"cannot resume from {folder}: it was written by a run with other options ({shown})")
+    return state
+
+
+def rng_state() -> dict:
+    out = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        out["cuda"] = torch.cuda.get_rng_state_all()
+    return out
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
