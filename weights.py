@@ -167,6 +167,14 @@ class Checkpoint(Mapping):
     def shape(self, key: str) -> tuple[int, ...]:
         return tuple(self._headers[self.file_of(key)][key]["shape"])
 
+    def subset(self, keep: Callable[[str], bool]) -> "Checkpoint":
+        """A lazy view holding only the keys `keep` accepts (e.g. one model's part of a combined checkpoint)."""
+        view = Checkpoint.__new__(Checkpoint)
+        view._file_of = {k: f for k, f in self._file_of.items() if keep(k)}
+        view._headers = self._headers
+        view._handles = self._handles
+        return view
+
     def metadata(self) -> dict[str, str]:
         out: dict[str, str] = {}
         for header in self._headers.values():

@@ -153,3 +153,16 @@ def test_save_safetensors_is_atomic(tmp_path, monkeypatch):
         save_safetensors({"x": torch.zeros(4)}, f)
     assert torch.equal(load_state_dict(f)["x"], torch.arange(4.0)), "a failed save must leave the old file intact"
     assert sorted(p.name for p in f.parent.iterdir()) == ["w.safetensors"]
+
+
+def test_subset_view_loads_one_part(tmp_path):
+    t = _tensors()
+    t["projector.0.weight"] = torch.zeros(3, 3)
+    save_file(t, tmp_path / "combined.safetensors")
+    ckpt = open_checkpoint(tmp_path)
+    with pytest.raises(CheckpointError, match="unexpected key 'projector.0.weight'"):
+        load_module(_meta(), ckpt, table=TABLE)
+    part = ckpt.subset(lambda k: not k.startswith("projector."))
+    assert len(part) == 3 and "projector.0.weight" not in part
+    m = load_module(_meta(), part, table=TABLE)
+    assert torch.equal(m.norm.weight, t["model.norm.weight"])
