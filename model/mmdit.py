@@ -133,6 +133,23 @@ def timestep_embedding(t: torch.Tensor, dim: int = 256, max_period: float = 1000
     return torch.cat([args.cos(), args.sin()], dim=-1)
 
 
+def sincos_position_table(dim: int, size: int, base_size: int) -> torch.Tensor:
+    """[1, size*size, dim] 2-D sin-cos table, diffusers `get_2d_sincos_pos_embed(dim, size, base_size=base_size)`:
+    positions scaled by base_size / size; the first half of the channels encodes the column, the second the row,
+    each as [sin, cos] of position / 10000^(2i/(dim/2))."""
+    if torch.get_default_device().type == "meta":
+        return torch.zeros(1, size * size, dim)
+    pos = (torch.arange(size, dtype=torch.float32) / (size / base_size)).double()  # fp32 grid, as diffusers
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float64) / (dim / 4))
+
+    def embed_1d(p: torch.Tensor) -> torch.Tensor:
+        out = torch.outer(p.reshape(-1), omega)
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    rows, cols = torch.meshgrid(pos, pos, indexing="ij")
+    return torch.cat([embed_1d(cols), embed_1d(rows)], dim=1).float().unsqueeze(0)
+
+
 class PatchEmbed(nn.Module):
     """p x p latent patches -> tokens, plus the stored position table centre-cropped to the token grid
     (diffusers `PatchEmbed.cropped_pos_embed`: top = (S - h) // 2, left = (S - w) // 2)."""
@@ -141,8 +158,10 @@ class PatchEmbed(nn.Module):
         super().__init__()
         self.patch_size, self.max_size = cfg.patch_size, cfg.pos_embed_max_size
         self.proj = nn.Conv2d(cfg.in_channels, cfg.inner_dim, cfg.patch_size, stride=cfg.patch_size)
-        # A persistent buffer in diffusers and a tensor in Stability's files: always loaded, never recomputed.
-        self.register_buffer("pos_embed", torch.zeros(1, self.max_size ** 2, cfg.inner_dim))
+        # A persistent buffer in diffusers and a tensor in Stability's files: loaded from checkpoints; a model built
+        # from scratch starts from diffusers' initial sin-cos table.
+        self.register_buffer("pos_embed", sincos_position_table(cfg.inner_dim, self.max_size,
+                                                                base_size=cfg.sample_size // cfg.patch_size))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h, w = x.shape[-2] // self.patch_size, x.shape[-1] // self.patch_size

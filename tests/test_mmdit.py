@@ -359,3 +359,14 @@ def test_missing_extra_and_misshaped_keys(loaded, tmp_path):
         (tmp_path / name / "config.json").write_text(config)
         with pytest.raises(CheckpointError, match=match):
             MMDiT.from_pretrained(tmp_path / name)
+
+
+def test_fresh_model_position_table_is_diffusers_initial_table():
+    from diffusers.models.embeddings import get_2d_sincos_pos_embed
+
+    from model.mmdit import sincos_position_table
+
+    for dim, size, base in [(32, 16, 4), (48, 12, 64), (16, 7, 3)]:
+        ours = sincos_position_table(dim, size, base)[0]
+        ref = get_2d_sincos_pos_embed(dim, size, base_size=base).float()
+        torch.testing.assert_close(ours, ref, rtol=0, atol=1e-7)
