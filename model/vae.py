@@ -44,6 +44,12 @@ class VAEConfig:
         return 2 ** (len(self.block_out_channels) - 1)
 
     @classmethod
+    def preset(cls, name: str) -> "VAEConfig":
+        if name not in VAE_PRESETS:
+            raise ValueError(f"unknown VAE preset {name!r}; known: {sorted(VAE_PRESETS)}")
+        return VAE_PRESETS[name]
+
+    @classmethod
     def from_json(cls, config: dict) -> "VAEConfig":
         """Read a diffusers `vae/config.json`, rejecting the AutoencoderKL variants this module does not build."""
         n = len(config.get("block_out_channels", cls.block_out_channels))
@@ -66,7 +72,9 @@ class VAEConfig:
 
 
 # stabilityai/stable-diffusion-3-medium-diffusers and stable-diffusion-3.5-{medium,large} share this vae/config.json.
-VAE_PRESETS = {"sd3": VAEConfig()}
+# "tiny": the same 8x downsampling with a few channels, for CPU tests and the tiny UAE.
+VAE_PRESETS = {"sd3": VAEConfig(),
+               "tiny": VAEConfig(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4)}
 
 # Checkpoint key -> module key. Attention projections were stored as query/key/value/proj_attn by diffusers before
 # its attention refactor (`_from_deprecated_attn_block`); both spellings map to the same modules.
@@ -218,7 +226,7 @@ class Decoder(nn.Module):
 class VAE(nn.Module):
     def __init__(self, cfg: VAEConfig):
         super().__init__()
-        self.cfg = cfg
+        self.config = cfg
         self.encoder = Encoder(cfg)
         self.decoder = Decoder(cfg)
         self.quant_conv = nn.Conv2d(2 * cfg.latent_channels, 2 * cfg.latent_channels, 1) if cfg.use_quant_conv else None
@@ -250,7 +258,7 @@ class VAE(nn.Module):
     def encode_dist(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Posterior of raw latents for images in [-1, 1] (cast to the VAE's dtype): (mean, logvar), logvar clamped
         to [-30, 20] as diffusers' DiagonalGaussianDistribution does."""
-        self._check(images, self.cfg.in_channels, "images", self.cfg.downsample_factor)
+        self._check(images, self.config.in_channels, "images", self.config.downsample_factor)
         moments = self.encoder(images.to(self.encoder.conv_in.weight.dtype))
         if self.quant_conv is not None:
             moments = self.quant_conv(moments)
@@ -274,12 +282,12 @@ class VAE(nn.Module):
         attention then see one tile instead of the whole image, so the result differs slightly from an untiled
         decode (as with diffusers' tiled_decode); larger tiles and overlaps bring it closer.
         """
-        self._check(latents, self.cfg.latent_channels, "latents")
+        self._check(latents, self.config.latent_channels, "latents")
         if tile is None or (latents.shape[2] <= tile and latents.shape[3] <= tile):
             return self._decode(latents)
         if not 0 <= overlap < tile:
             raise ValueError(f"overlap must be in [0, tile={tile}), got {overlap}")
-        return tiled_apply(self._decode, latents, tile, overlap, self.cfg.downsample_factor)
+        return tiled_apply(self._decode, latents, tile, overlap, self.config.downsample_factor)
 
     def _decode(self, z: torch.Tensor) -> torch.Tensor:
         z = z.to(self.decoder.conv_in.weight.dtype)
@@ -288,10 +296,10 @@ class VAE(nn.Module):
         return self.decoder(z)
 
     def to_model_latents(self, z: torch.Tensor) -> torch.Tensor:
-        return (z - self.cfg.shift_factor) * self.cfg.scaling_factor
+        return (z - self.config.shift_factor) * self.config.scaling_factor
 
     def from_model_latents(self, x: torch.Tensor) -> torch.Tensor:
-        return x / self.cfg.scaling_factor + self.cfg.shift_factor
+        return x / self.config.scaling_factor + self.config.shift_factor
 
 
 def _tile_starts(size: int, tile: int, overlap: int) -> list[int]:
