@@ -28,7 +28,7 @@ from model.layers import attention
 from weights import CheckpointError, load_module, load_state_dict, rename_keys
 
 __all__ = [
-    "CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPTokenizer", "KEY_TABLE", "OPENAI_KEY_TABLE",
+    "CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPTextEncoder", "CLIPTokenizer", "KEY_TABLE", "OPENAI_KEY_TABLE",
     "openai_to_clip_state_dict", "clip_preprocess", "clip_preprocess_tensor", "load_rgb",
     "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
 ]
@@ -85,6 +85,12 @@ class CLIPConfig:
         presets = {
             "vit-l-14": cls(),  # openai/clip-vit-large-patch14
             "longclip-l": cls(text=CLIPTextConfig(max_positions=248)),  # BeichenZhang/LongCLIP-L
+            # Random-initialised reward for CPU tests and the tiny training runs.
+            "tiny": cls(vision=CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+                                                patch_size=32),
+                        text=CLIPTextConfig(vocab_size=512, hidden_size=32, intermediate_size=64, num_layers=2,
+                                            num_heads=2),
+                        projection_dim=24),
         }
         if name not in presets:
             raise ValueError(f"unknown CLIP preset {name!r}; expected one of {sorted(presets)}")
@@ -99,9 +105,6 @@ class CLIPConfig:
             raise ValueError(f"config.json has model_type {cfg.get('model_type')!r}, expected 'clip' (a CLIPModel)")
         text = {**(cfg.get("text_config") or {}), **(cfg.get("text_config_dict") or {})}
         vision = {**(cfg.get("vision_config") or {}), **(cfg.get("vision_config_dict") or {})}
-        eos = text.get("eos_token_id", 49407)
-        if not isinstance(eos, int):
-            raise ValueError(f"text_config.eos_token_id must be one integer, got {eos!r}")
         # transformers' CLIPTextConfig / CLIPVisionConfig defaults (the ViT-B/32 sizes) for absent fields.
         return cls(
             vision=CLIPVisionConfig(
@@ -109,12 +112,7 @@ class CLIPConfig:
                 num_layers=vision.get("num_hidden_layers", 12), num_heads=vision.get("num_attention_heads", 12),
                 patch_size=vision.get("patch_size", 32), image_size=vision.get("image_size", 224),
                 layer_norm_eps=vision.get("layer_norm_eps", 1e-5), hidden_act=vision.get("hidden_act", "quick_gelu")),
-            text=CLIPTextConfig(
-                vocab_size=text.get("vocab_size", 49408), hidden_size=text.get("hidden_size", 512),
-                intermediate_size=text.get("intermediate_size", 2048), num_layers=text.get("num_hidden_layers", 12),
-                num_heads=text.get("num_attention_heads", 8), max_positions=text.get("max_position_embeddings", 77),
-                layer_norm_eps=text.get("layer_norm_eps", 1e-5), hidden_act=text.get("hidden_act", "quick_gelu"),
-                eos_token_id=eos),
+            text=text_config_from_hf(text),
             projection_dim=cfg.get("projection_dim", 512),
         )
 
@@ -147,6 +145,36 @@ class CLIPConfig:
                                 eos_token_id=2),
             projection_dim=state["text_projection"].shape[1],
         )
+
+
+def text_config_from_hf(text: Mapping) -> CLIPTextConfig:
+    """A transformers CLIPTextConfig dict (CLIPModel's `text_config`, or a CLIPTextModelWithProjection config.json);
+    absent fields take transformers' class defaults."""
+    eos = text.get("eos_token_id", 49407)
+    if not isinstance(eos, int):
+        raise ValueError(f"text_config.eos_token_id must be one integer, got {eos!r}")
+    return CLIPTextConfig(
+        vocab_size=text.get("vocab_size", 49408), hidden_size=text.get("hidden_size", 512),
+        intermediate_size=text.get("intermediate_size", 2048), num_layers=text.get("num_hidden_layers", 12),
+        num_heads=text.get("num_attention_heads", 8), max_positions=text.get("max_position_embeddings", 77),
+        layer_norm_eps=text.get("layer_norm_eps", 1e-5), hidden_act=text.get("hidden_act", "quick_gelu"),
+        eos_token_id=eos)
+
+
+def init_clip_weights(module: nn.Module, std: float = 0.02) -> None:
+    """Initialise a model built from scratch (embeddings are allocated with torch.empty): normal(0, std) for
+    embeddings, position tables and linear/conv weights, zero biases, unit LayerNorms."""
+    for m in module.modules():
+        if isinstance(m, nn.LayerNorm):
+            nn.init.ones_(m.weight)
+            nn.init.zeros_(m.bias)
+        elif isinstance(m, (nn.Linear, nn.Conv2d, nn.Embedding)):
+            nn.init.normal_(m.weight, std=std)
+            if getattr(m, "bias", None) is not None:
+                nn.init.zeros_(m.bias)
+        for name, p in m.named_parameters(recurse=False):
+            if name in ("class_embedding", "position_embedding"):
+                nn.init.normal_(p, std=std)
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -305,6 +333,8 @@ class CLIP(nn.Module):
         self.text = TextTower(cfg.text)
         self.visual_projection = nn.Linear(cfg.vision.hidden_size, cfg.projection_dim, bias=False)
         self.text_projection = nn.Linear(cfg.text.hidden_size, cfg.projection_dim, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            init_clip_weights(self)
 
     def image_features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """[B,3,S,S] preprocessed pixels -> [B, projection_dim], not normalised."""
@@ -348,6 +378,37 @@ class CLIP(nn.Module):
         with torch.device("meta"):
             model = cls(cfg)
         load_module(model, openai_to_clip_state_dict(state), dtype=dtype, device=device)
+        return model.eval()
+
+
+class CLIPTextEncoder(nn.Module):
+    """transformers' CLIPTextModelWithProjection (SD3's `text_encoder/` CLIP-L and `text_encoder_2/` CLIP-G):
+    `text_features` = projected pooled output (its `text_embeds`)."""
+
+    def __init__(self, cfg: CLIPTextConfig, projection_dim: int):
+        super().__init__()
+        self.cfg = cfg
+        self.text = TextTower(cfg)
+        self.text_projection = nn.Linear(cfg.hidden_size, projection_dim, bias=False)
+        if not any(p.is_meta for p in self.parameters()):
+            init_clip_weights(self)
+
+    def text_features(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.text_projection(self.text(input_ids, attention_mask)[1])
+
+    @classmethod
+    def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
+                        device: str | torch.device = "cpu") -> "CLIPTextEncoder":
+        path = Path(path)
+        config_file = path / "config.json"
+        if not config_file.is_file():
+            raise FileNotFoundError(f"{path}: no config.json (expected a CLIPTextModelWithProjection folder)")
+        cfg = json.loads(config_file.read_text())
+        if cfg.get("model_type", "clip_text_model") != "clip_text_model":
+            raise ValueError(f"{config_file}: model_type {cfg.get('model_type')!r}, expected 'clip_text_model'")
+        with torch.device("meta"):
+            model = cls(text_config_from_hf(cfg), cfg.get("projection_dim", 512))
+        load_module(model, path, table=KEY_TABLE, dtype=dtype, device=device)
         return model.eval()
 
 

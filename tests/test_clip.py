@@ -340,3 +340,37 @@ def test_identical_images_have_cosine_one(tmp_path):
     cos = F.cosine_similarity(f[0:1], f[1:], dim=-1)
     assert abs(cos[0].item() - 1) <= 1e-6
     assert cos[1].item() < 0.999
+
+
+@pytest.mark.parametrize("eos_token_id,act", [(2, "quick_gelu"), (49407, "gelu")])
+def test_text_encoder_with_projection_matches_transformers(tmp_path, eos_token_id, act):
+    """SD3's text_encoder / text_encoder_2 folders (CLIPTextModelWithProjection): text_embeds."""
+    from transformers import CLIPTextConfig as HFTextConfig
+    from transformers import CLIPTextModelWithProjection
+
+    from model.clip import CLIPTextEncoder
+
+    torch.manual_seed(0)
+    vocab = 60 if eos_token_id == 2 else 49408
+    cfg = HFTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                       num_attention_heads=4, max_position_embeddings=16, projection_dim=20, hidden_act=act,
+                       eos_token_id=eos_token_id, bos_token_id=0 if eos_token_id == 2 else 49406)
+    ref = CLIPTextModelWithProjection(cfg).eval()
+    ref.save_pretrained(tmp_path, safe_serialization=True)
+    ours = CLIPTextEncoder.from_pretrained(tmp_path)
+    eos = vocab - 1 if eos_token_id == 2 else eos_token_id
+    ids = torch.randint(1, min(vocab, 50), (3, 11))
+    ids[:, 5] = eos
+    with torch.no_grad():
+        want = ref(input_ids=ids).text_embeds
+        got = ours.text_features(ids)
+    assert rel_err(got, want) <= 1e-5
+
+
+def test_tiny_preset_is_initialised_and_finite():
+    torch.manual_seed(0)
+    model = CLIP(CLIPConfig.preset("tiny"))
+    x = torch.randn(2, 3, 224, 224)
+    f = model.image_features(x)
+    assert f.shape == (2, 24) and torch.isfinite(f).all() and f.std() > 0
+    assert model.vision.position_embedding.abs().max() < 0.2
