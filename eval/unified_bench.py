@@ -1,0 +1,267 @@
+"""Unified-Bench: how well the caption -> regenerate loop closes.
+
+Score = cosine similarity of L2-normalised features of a source image and its reconstruction under CLIP ViT-L/14,
+LongCLIP-L, DINOv2-L and DINOv3-L; per-backbone means x100; Overall = mean of the four backbones. A backbone whose
+weights are not given is reported as missing and Overall is then left empty (`overall_partial` holds the mean of the
+backbones that were scored) — a missing backbone is never silently dropped from Overall.
+
+    # (a) score two folders paired by file name (a `recon_` prefix on the reconstruction is accepted)
+    python -m eval.unified_bench score --source src/ --recon rec/ --out bench_out/ \
+        --clip ckpt/clip-vit-large-patch14 --longclip ckpt/longclip-L.pt --dinov2 ckpt/dinov2-large \
+        --dinov3 ckpt/dinov3-vitl16
+    # (b) the full loop on our model: caption every image with the Unified-Bench prompt, regenerate, score
+    python -m eval.unified_bench run --source src/ --out bench_out/ --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14
+    python -m eval.unified_bench run --source src/ --out bench_out/ --tiny     # tiny random model, CPU demo
+
+Writes `summary.json`, `scores.csv` (one row per image) and `report.html` (source, reconstruction, caption and
+scores side by side; the images are files in `images/` next to it).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import html
+import json
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from eval.reward import Backbone
+
+BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+RECON_PREFIX = "recon_"
+
+
+@dataclass
+class Pairing:
+    pairs: list[tuple[str, Path, Path]]  # (name, source file, reconstruction file)
+    unpaired_sources: list[str] = field(default_factory=list)
+    unpaired_recons: list[str] = field(default_factory=list)
+
+
+def _images(folder: Path) -> list[Path]:
+    if not folder.is_dir():
+        raise FileNotFoundError(f"{folder} is not a folder")
+    files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    if not files:
+        raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+    return files
+
+
+def pair_folders(source_dir: str | Path, recon_dir: str | Path) -> Pairing:
+    """Pair by file stem, ignoring the extension; a reconstruction may carry a `recon_` prefix. An exact stem wins over
+    a prefixed one. Images without a partner are listed, not fatal."""
+    sources = _images(Path(source_dir))
+    recons = _images(Path(recon_dir))
+    by_stem: dict[str, Path] = {}
+    for p in recons:
+        stem = p.stem[len(RECON_PREFIX):] if p.stem.startswith(RECON_PREFIX) else p.stem
+        if stem not in by_stem or not p.stem.startswith(RECON_PREFIX):
+            by_stem[stem] = p
+    pairs, unpaired = [], []
+    for s in sources:
+        r = by_stem.pop(s.stem, None)
+        if r is None:
+            unpaired.append(s.name)
+        else:
+            pairs.append((s.stem, s, r))
+    used = {r for _, _, r in pairs}
+    return Pairing(pairs, unpaired, [p.name for p in recons if p not in used])
+
+
+def _open(path: Path) -> Image.Image:
+    """Decode fully now (so a broken file fails here, not inside a backbone); the mode is kept so each
+    backbone's preprocessing converts it as its reference processor does (e.g. alpha blended on white)."""
+    with Image.open(path) as im:
+        im.load()
+        return im.copy()
+
+
+def load_backbones(paths: dict[str, str | None], device: str = "cpu", dtype=torch.float32) -> dict[str, Backbone]:
+    """Build the backbones whose weights are given; mismatched checkpoint types fail with the loader's message."""
+    from eval.reward import clip_backbone, dinov2_backbone, dinov3_backbone
+
+    out: dict[str, Backbone] = {}
+    for name, path in paths.items():
+        if not path:
+            continue
+        if name == "clip":
+            from model.clip import CLIP
+
+            out[name] = clip_backbone(CLIP.from_pretrained(path, dtype=dtype, device=device), "clip")
+        elif name == "longclip":
+            from model.clip import CLIP
+
+            out[name] = clip_backbone(CLIP.from_longclip(path, dtype=dtype, device=device), "longclip")
+        elif name == "dinov2":
+            from model.dino import DINOv2
+
+            out[name] = dinov2_backbone(DINOv2.from_pretrained(path, dtype=dtype, device=device))
+        elif name == "dinov3":
+            from model.dino import DINOv3
+
+            out[name] = dinov3_backbone(DINOv3.from_pretrained(path, dtype=dtype, device=device))
+        else:
+            raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+    return out
+
+
+def score_pairs(pairing: Pairing, backbones: dict[str, Backbone], out_dir: str | Path,
+                captions: dict[str, str] | None = None, batch_size: int = 16) -> dict:
+    """Score every pair with every backbone; write summary.json, scores.csv, report.html and images/."""
+    out_dir = Path(out_dir)
+    (out_dir / "images").mkdir(parents=True, exist_ok=True)
+    rows, unreadable = [], []
+    kept = []
+    for name, s, r in pairing.pairs:
+        try:
+            kept.append((name, _open(s), _open(r)))
+        except (OSError, ValueError) as e:
+            unreadable.append(f"{name}: {e}")
+            print(f"warning: skipping pair {name}: {e}", file=sys.stderr)
+    if not kept:
+        raise ValueError("no readable image pairs to score"
+                         + (f" (unpaired sources: {pairing.unpaired_sources[:5]})" if pairing.unpaired_sources else ""))
+    scores: dict[str, torch.Tensor] = {}
+    for bname, backbone in backbones.items():
+        a = backbone.embed_pil([x[1] for x in kept], batch_size)
+        b = backbone.embed_pil([x[2] for x in kept], batch_size)
+        scores[bname] = (a * b).sum(-1).cpu() * 100
+    for i, (name, src, rec) in enumerate(kept):
+        src_file, rec_file = f"images/{name}_source.png", f"images/{name}_recon.png"
+        _thumbnail(src).save(out_dir / src_file)
+        _thumbnail(rec).save(out_dir / rec_file)
+        row = {"name": name, "source": src_file, "recon": rec_file,
+               **{b: round(float(scores[b][i]), 4) if b in scores else None for b in BACKBONES}}
+        present = [row[b] for b in BACKBONES if row[b] is not None]
+        row["overall"] = round(sum(present) / len(present), 4) if present and len(present) == len(BACKBONES) else None
+        row["caption"] = (captions or {}).get(name, "")
+        rows.append(row)
+    means = {b: round(float(scores[b].mean()), 4) for b in BACKBONES if b in scores}
+    missing = [b for b in BACKBONES if b not in scores]
+    summary = {
+        "n_pairs": len(rows), "backbones": means, "missing_backbones": missing,
+        "overall": round(sum(means.values()) / len(BACKBONES), 4) if not missing else None,
+        "overall_partial": round(sum(means.values()) / len(means), 4) if means else None,
+        "unpaired_sources": pairing.unpaired_sources, "unpaired_recons": pairing.unpaired_recons,
+        "unreadable": unreadable,
+    }
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    with open(out_dir / "scores.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["name", *BACKBONES, "overall", "source", "recon", "caption"])
+        w.writeheader()
+        w.writerows(rows)
+    _write_html(out_dir / "report.html", summary, rows)
+    return summary
+
+
+def _thumbnail(im: Image.Image, size: int = 384) -> Image.Image:
+    im = im.copy()
+    im.thumbnail((size, size), Image.BICUBIC)
+    return im
+
+
+def _fmt(v) -> str:
+    return "missing" if v is None else f"{v:.2f}"
+
+
+def _write_html(path: Path, summary: dict, rows: list[dict]) -> None:
+    head = "".join(f"<th>{b}</th>" for b in BACKBONES)
+    means = "".join(f"<td>{_fmt(summary['backbones'].get(b))}</td>" for b in BACKBONES)
+    overall = _fmt(summary["overall"])
+    if summary["missing_backbones"]:
+        overall += (f" (partial over {len(summary['backbones'])} backbone(s): "
+                    f"{_fmt(summary['overall_partial'])}; missing {', '.join(summary['missing_backbones'])})")
+    body = []
+    for r in rows:
+        cells = "".join(f"<td>{_fmt(r[b])}</td>" for b in BACKBONES)
+        body.append(f"<tr><td>{html.escape(r['name'])}</td><td><img src='{html.escape(r['source'])}'></td>"
+                    f"<td><img src='{html.escape(r['recon'])}'></td><td class='cap'>{html.escape(r['caption'])}</td>"
+                    f"{cells}<td>{_fmt(r['overall'])}</td></tr>")
+    problems = "".join(f"<li>{html.escape(k)}: {html.escape(', '.join(map(str, summary[k])))}</li>"
+                       for k in ("unpaired_sources", "unpaired_recons", "unreadable") if summary[k])
+    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>Unified-Bench</title>
+<style>body{{font-family:sans-serif}} img{{max-width:256px}} td{{vertical-align:top;padding:4px}}
+.cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{border-bottom:1px solid #ccc}}</style>
+</head><body><h1>Unified-Bench</h1><p>{summary['n_pairs']} pairs. Overall: {html.escape(overall)}</p>
+<table><tr>{head}</tr><tr>{means}</tr></table>{f'<ul>{problems}</ul>' if problems else ''}
+<table><tr><th>name</th><th>source</th><th>reconstruction</th><th>caption</th>{head}<th>overall</th></tr>
+{''.join(body)}</table></body></html>""")
+
+
+def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[str, Backbone], size: int,
+             steps: int, guidance_scale: float, seed: int) -> dict:
+    """Caption every source image with the Unified-Bench prompt, regenerate it from the caption, and score."""
+    out_dir = Path(out_dir)
+    recon_dir = out_dir / "recon"
+    recon_dir.mkdir(parents=True, exist_ok=True)
+    files = _images(Path(source_dir))
+    captions: dict[str, str] = {}
+    unreadable = []
+    for i, f in enumerate(files):
+        try:
+            img = _open(f)
+        except (OSError, ValueError) as e:
+            unreadable.append(f"{f.name}: {e}")
+            print(f"warning: skipping {f.name}: {e}", file=sys.stderr)
+            continue
+        gen = torch.Generator().manual_seed(seed + i)
+        caption = uae.caption([img], generator=gen)[0]
+        recon = uae.generate([caption], height=size, width=size, steps=steps, guidance_scale=guidance_scale,
+                             generator=gen)[0]
+        recon.save(recon_dir / f"{RECON_PREFIX}{f.stem}.png")
+        captions[f.stem] = caption
+        print(f"[{i + 1}/{len(files)}] {f.name}: {len(caption.split())} words", flush=True)
+    (out_dir / "captions.json").write_text(json.dumps(captions, indent=2))
+    summary = score_pairs(pair_folders(source_dir, recon_dir), backbones, out_dir, captions)
+    summary["unreadable"] = unreadable + summary["unreadable"]
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    return summary
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m eval.unified_bench", description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text in (("score", "score two folders of images paired by file name"),
+                            ("run", "caption -> regenerate -> score with our UAE model")):
+        s = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s.add_argument("--source", required=True, help="folder of source images")
+        s.add_argument("--out", required=True, help="output folder (summary.json, scores.csv, report.html)")
+        for b in BACKBONES:
+            s.add_argument(f"--{b}", default=None, help=f"{b} weights (missing backbones are reported as missing)")
+        s.add_argument("--device", default="cpu")
+        s.add_argument("--batch-size", type=int, default=16)
+        if name == "score":
+            s.add_argument("--recon", required=True, help="folder of reconstructions (same names or recon_ prefix)")
+        else:
+            s.add_argument("--uae", default=None, help="UAE release folder (see model/uae.py)")
+            s.add_argument("--tiny", action="store_true", help="use the tiny random model (CPU demo)")
+            s.add_argument("--size", type=int, default=1024)
+            s.add_argument("--steps", type=int, default=40)
+            s.add_argument("--guidance-scale", type=float, default=5.0)
+            s.add_argument("--seed", type=int, default=0)
+    a = p.parse_args(argv)
+    backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
+    if not backbones:
+        print("warning: no backbone weights given; every backbone will be reported as missing", file=sys.stderr)
+    if a.command == "score":
+        summary = score_pairs(pair_folders(a.source, a.recon), backbones, a.out, batch_size=a.batch_size)
+    else:
+        from model.uae import UAE
+
+        if a.tiny == bool(a.uae):
+            p.error("run needs exactly one of --uae PATH or --tiny")
+        uae = UAE.tiny(seed=a.seed) if a.tiny else UAE.from_pretrained(a.uae, device=a.device)
+        summary = run_loop(uae, a.source, a.out, backbones, a.size, a.steps, a.guidance_scale, a.seed)
+    print(json.dumps({k: summary[k] for k in ("n_pairs", "backbones", "missing_backbones", "overall",
+                                              "overall_partial")}, indent=2))
+    return summary
+
+
+if __name__ == "__main__":
+    main()
