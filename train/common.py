@@ -278,3 +278,34 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+# ----------------------------------------------------------------------------------------------- models
+
+def build_uae(uae_path: str, seed: int, dtype: torch.dtype, device: torch.device):
+    """The UAE release at `uae_path`, or the tiny random preset when the path is empty. Frozen; scripts unfreeze
+    (or add adapters to) what they train."""
+    from model.uae import UAE
+
+    uae = UAE.from_pretrained(uae_path, dtype=dtype, device=device) if uae_path else UAE.tiny(seed, dtype, device)
+    return uae.requires_grad_(False)
+
+
+def build_reward(clip_path: str, tiny: bool, seed: int, dtype: torch.dtype, device: torch.device):
+    """The reconstruction reward on CLIP image features: the CLIP folder given, or a tiny random CLIP for the tiny
+    preset (it is an error to train real weights against a random reward)."""
+    from eval.reward import ReconstructionReward, clip_backbone
+    from model.clip import CLIP, CLIPConfig, init_clip_weights
+
+    if clip_path:
+        clip = CLIP.from_pretrained(clip_path, dtype=dtype, device=device)
+    elif tiny:
+        torch.manual_seed(seed + 1)
+        clip = CLIP(CLIPConfig.preset("tiny"))
+        # With the usual std 0.02 a random CLIP maps every image to nearly the same feature (cosine ~0.9999);
+        # larger weights make the tiny reward tell images apart, so the tiny runs have a signal to climb.
+        init_clip_weights(clip, std=0.15)
+        clip.to(device=device, dtype=dtype)
+    else:
+        raise ValueError("--clip is required with --uae (the reward backbone)")
+    return ReconstructionReward(clip_backbone(clip))

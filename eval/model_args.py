@@ -1,0 +1,58 @@
+"""Command-line options that pick a UAE model, shared by the eval tools."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (a release folder, plain parts, or --tiny)")
+    g.add_argument("--uae", default=None, help="UAE release folder (llm_model/, llm_lora/, dit/, dit_lora/, SD3/)")
+    g.add_argument("--lvlm", default=None, help="Qwen2.5-VL folder (overrides the release's)")
+    g.add_argument("--sd3", default=None, help="SD3/SD3.5 diffusers folder with transformer/ and vae/")
+    g.add_argument("--dit", default=None, help="transformer folder replacing --sd3's")
+    g.add_argument("--connector", default=None, help="connector file (default: the projector inside --lvlm)")
+    g.add_argument("--pooled", default=None, help=".safetensors with 'pooled_projections' (else from SD3's CLIPs)")
+    g.add_argument("--llm-lora", default=None, help="LVLM LoRA (release llm_lora/ layout)")
+    g.add_argument("--dit-lora", default=None, help="DiT LoRA (PEFT adapter folder)")
+    g.add_argument("--tiny", action="store_true", help="the tiny random model (CPU demo; output is noise)")
+    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
+    g.add_argument("--seed", type=int, default=0)
+
+
+def load_model(args):
+    """Build the UAE the options describe; a missing or broken part exits with the loader's message."""
+    from model.uae import UAE
+    from weights import CheckpointError
+
+    parts = dict(lvlm=args.lvlm, sd3=args.sd3, dit=args.dit, connector=args.connector, pooled=args.pooled,
+                 llm_lora=args.llm_lora, dit_lora=args.dit_lora)
+    if args.tiny:
+        if args.uae or any(parts.values()):
+            sys.exit("error: --tiny takes no weights")
+        return UAE.tiny(seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
+    if not args.uae and not args.lvlm:
+        sys.exit("error: give --uae RELEASE_FOLDER, or --lvlm and --sd3, or --tiny")
+    print("loading model ...", file=sys.stderr, flush=True)
+    try:
+        return UAE.from_pretrained(args.uae, dtype=DTYPES[args.dtype], device=args.device, **parts)
+    except (FileNotFoundError, CheckpointError, ValueError) as e:
+        sys.exit(f"error: cannot load the model: {e}")
+
+
+def open_image(path: str):
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return im.convert("RGB")
+    except FileNotFoundError:
+        sys.exit(f"error: image {path} does not exist")
+    except (UnidentifiedImageError, OSError, ValueError) as e:
+        sys.exit(f"error: cannot decode image {path}: {e}")

@@ -1,0 +1,246 @@
+"""UAE: the auto-encoder view of a unified multimodal model.
+
+    image --Qwen2.5-VL (encoder)--> long caption --Qwen2.5-VL last hidden states--> connector --> MMDiT + VAE (decoder)
+    --> reconstruction
+
+The caption is re-encoded text-only in a chat turn whose role is `generate`; every token's post-norm last-layer hidden
+state goes through the connector and the sequence is the MMDiT's `context`; `pooled` is one constant vector (SD3's
+CLIP-L + CLIP-G pooled embeddings of the empty prompt). Classifier-free guidance uses UAE's negative prompt through the
+same path, positive and negative right-padded together with the pad id (the released inference code's convention; the
+DiT gets no text mask).
+
+Loading: the official release folder (`llm_model/`, `llm_lora/`, `dit/`, `dit_lora/`, `SD3/`) or any combination of a
+plain Qwen2.5-VL folder, an SD3/SD3.5 diffusers folder and a connector file. `UAE.tiny(seed)` builds every part small and
+random so the whole loop runs on a CPU in seconds.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+from torch import nn
+
+from model.connector import Connector, ConnectorConfig
+from model.flow import flow_sigmas, sample_ode
+from model.mmdit import MMDiT, MMDiTConfig
+from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from model.qwen2_5_vl_processor import Qwen25VLProcessor
+from model.vae import VAE, VAEConfig
+
+# The Unified-Bench / released caption prompt (text before the image, as in the released inference code).
+CAPTION_PROMPT = (
+    "You are an expert vision-language model.  \n"
+    "Your task is: Given an input image, generate a **textual description** of the image. "
+    "If there is text in the image, transcribe it inside double quotes \"\".  \n"
+    "Now, carefully analyze the input image and output the full description. "
+)
+NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
+
+
+@dataclass
+class UAESettings:
+    """Released inference defaults (see ../shared/notes/algorithms.md)."""
+    caption_max_new_tokens: int = 512
+    caption_temperature: float = 0.7
+    caption_max_pixels: int = 65536
+    height: int = 1024
+    width: int = 1024
+    steps: int = 40
+    guidance_scale: float = 5.0
+    shift: float = 3.0
+
+
+class UAE(nn.Module):
+    def __init__(self, lvlm: Qwen25VL, processor: Qwen25VLProcessor, connector: Connector, dit: MMDiT, vae: VAE,
+                 settings: UAESettings | None = None):
+        super().__init__()
+        self.lvlm, self.connector, self.dit, self.vae = lvlm, connector, dit, vae
+        self.processor = processor
+        self.settings = settings or UAESettings()
+
+    @property
+    def device(self) -> torch.device:
+        return self.connector.pooled.device
+
+    # ------------------------------------------------------------------------------------------- understanding
+    def caption_inputs(self, images: list[Image.Image], prompt: str = CAPTION_PROMPT) -> dict[str, torch.Tensor]:
+        """Processor inputs for captioning `images` (one image per prompt, left-padded batch)."""
+        messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image"}]}]
+        text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        images = [_cap_pixels(im, self.settings.caption_max_pixels) for im in images]
+        inputs = self.processor(text=[text] * len(images), images=images)
+        return {k: v.to(self.device) for k, v in inputs.items()}
+
+    @torch.no_grad()
+    def caption(self, images: list[Image.Image], prompt: str = CAPTION_PROMPT, max_new_tokens: int | None = None,
+                do_sample: bool = True, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
+                generator: torch.Generator | None = None, return_output: bool = False):
+        """Caption each image. Sampling follows the released defaults (temperature 0.7, 512 new tokens)."""
+        if not images:
+            raise ValueError("caption() needs at least one image")
+        inputs = self.caption_inputs(images, prompt)
+        out = self.lvlm.generate(
+            inputs["input_ids"], inputs["attention_mask"], pixel_values=inputs["pixel_values"],
+            image_grid_thw=inputs["image_grid_thw"],
+            max_new_tokens=max_new_tokens or self.settings.caption_max_new_tokens, do_sample=do_sample,
+            temperature=temperature if temperature is not None else self.settings.caption_temperature,
+            top_k=top_k, top_p=top_p, generator=generator,
+            eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id), pad_token_id=self.processor.pad_token_id)
+        texts = self.processor.batch_decode(out.new_tokens.masked_fill(~out.mask, self.processor.pad_token_id).tolist())
+        texts = [t.strip() for t in texts]
+        return (texts, inputs, out) if return_output else texts
+
+    # ------------------------------------------------------------------------------------------- conditioning
+    def generate_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of each text in the `generate` chat turn, right-padded with the pad id (released convention)."""
+        pad = self.processor.pad_token_id
+        rows = []
+        for t in texts:
+            chat = self.processor.apply_chat_template([{"role": "generate", "content": [{"type": "text", "text": t}]}],
+                                                      add_generation_prompt=True)
+            rows.append(torch.tensor(self.processor.encode(chat), dtype=torch.long))
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad).to(self.device)
+        return ids, ids.ne(pad).long()
+
+    def encode_text(self, texts: list[str]) -> torch.Tensor:
+        """DiT context [B, L, joint_attention_dim]: connector(last hidden states) of the `generate` turn."""
+        ids, mask = self.generate_ids(texts)
+        hidden = self.lvlm.forward_hidden(ids, attention_mask=mask)
+        return self.connector(hidden.to(self.connector.fc1.weight.dtype))
+
+    def condition(self, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """(context, negative_context or None). With guidance the negative prompt is padded together with the
+        positives so both share one length, as the released code pads them together."""
+        if guidance_scale > 1.0:
+            ctx = self.encode_text([NEGATIVE_PROMPT] + list(prompts))
+            return ctx[1:], ctx[:1].expand(len(prompts), -1, -1)
+        return self.encode_text(list(prompts)), None
+
+    def pooled(self, batch: int) -> torch.Tensor:
+        return self.connector.pooled.to(self.dit_dtype).expand(batch, -1)
+
+    @property
+    def dit_dtype(self) -> torch.dtype:
+        return next(self.dit.parameters()).dtype
+
+    def velocity_fn(self, context: torch.Tensor, negative_context: torch.Tensor | None, guidance_scale: float):
+        """v(x, t) with classifier-free guidance v = v_u + g (v_c - v_u), both halves in one DiT batch."""
+        pooled = self.pooled(context.shape[0])
+        dtype = self.dit_dtype
+
+        def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+            if negative_context is None:
+                return self.dit(x.to(dtype), timestep, context.to(dtype), pooled).float()
+            if negative_context.shape[1] == context.shape[1]:
+                v = self.dit(torch.cat([x, x]).to(dtype), torch.cat([timestep, timestep]),
+                             torch.cat([negative_context, context]).to(dtype), torch.cat([pooled, pooled]))
+                v_u, v_c = v.float().chunk(2)
+            else:  # contexts of different lengths (cold start): the DiT has no text mask, so run the halves apart
+                v_u = self.dit(x.to(dtype), timestep, negative_context.to(dtype), pooled).float()
+                v_c = self.dit(x.to(dtype), timestep, context.to(dtype), pooled).float()
+            return v_u + guidance_scale * (v_c - v_u)
+
+        return velocity
+
+    # ------------------------------------------------------------------------------------------- generation
+    def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
+        f = self.vae.config.downsample_factor * self.dit.config.patch_size
+        if height % f or width % f:
+            raise ValueError(f"height {height} and width {width} must be multiples of {f}")
+        d = self.vae.config.downsample_factor
+        return batch, self.vae.config.latent_channels, height // d, width // d
+
+    @torch.no_grad()
+    def generate(self, prompts: list[str], height: int | None = None, width: int | None = None, steps: int | None = None,
+                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
+                 output_type: str = "pil"):
+        """Images from text prompts (CFG Euler ODE sampling on the SD3 shifted schedule)."""
+        s = self.settings
+        height, width = height or s.height, width or s.width
+        g = s.guidance_scale if guidance_scale is None else guidance_scale
+        context, negative = self.condition(prompts, g)
+        noise = torch.randn(self.latent_shape(len(prompts), height, width), generator=generator).to(self.device)
+        sigmas = flow_sigmas(steps or s.steps, shift=s.shift).to(self.device)
+        latents = sample_ode(self.velocity_fn(context, negative, g), noise, sigmas)
+        images = self.vae.decode(self.vae.from_model_latents(latents.to(next(self.vae.parameters()).dtype)))
+        return _to_pil(images) if output_type == "pil" else images.float()
+
+    @torch.no_grad()
+    def reconstruct(self, images: list[Image.Image], height: int | None = None, width: int | None = None,
+                    steps: int | None = None, guidance_scale: float | None = None,
+                    generator: torch.Generator | None = None, **caption_kwargs) -> tuple[list[str], list[Image.Image]]:
+        """image -> caption -> image, end to end."""
+        captions = self.caption(images, generator=generator, **caption_kwargs)
+        return captions, self.generate(captions, height, width, steps, guidance_scale, generator)
+
+    # ------------------------------------------------------------------------------------------- cold start
+    def caption_context(self, inputs: dict[str, torch.Tensor], caption_ids: torch.Tensor,
+                        caption_mask: torch.Tensor) -> torch.Tensor:
+        """Cold-start conditioning: the hidden states of the caption tokens computed with the image in context,
+        through the connector, differentiable to the LVLM and connector.
+
+        `inputs` are `caption_inputs(...)` (left-padded prompts with images); `caption_ids/mask [B, N]` the caption
+        tokens (e.g. `GenerationOutput.new_tokens/mask`). Row i's context is the hidden states at its N caption
+        positions; positions after its caption are pad tokens, as with the right-padded generation path."""
+        ids = torch.cat([inputs["input_ids"], caption_ids], dim=1)
+        mask = torch.cat([inputs["attention_mask"], caption_mask.long()], dim=1)
+        ids = ids.masked_fill(mask == 0, self.processor.pad_token_id)
+        hidden = self.lvlm.forward_hidden(ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                                          image_grid_thw=inputs["image_grid_thw"])
+        return self.connector(hidden[:, inputs["input_ids"].shape[1]:].to(self.connector.fc1.weight.dtype))
+
+    # ------------------------------------------------------------------------------------------- construction
+    @classmethod
+    def tiny(cls, seed: int = 0, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu") -> "UAE":
+        """Every component small and random (seeded): the whole loop runs on a CPU in seconds. Image size 64 px."""
+        torch.manual_seed(seed)
+        processor = Qwen25VLProcessor.tiny()
+        lvlm = Qwen25VL(Qwen25VLConfig.preset("tiny", vocab_size=processor.vocab_size,
+                                              **processor.special_token_ids()))
+        connector = Connector(ConnectorConfig.preset("tiny"))
+        dit = MMDiT(MMDiTConfig.preset("tiny"))
+        vae = VAE(VAEConfig.preset("tiny"))
+        settings = UAESettings(caption_max_new_tokens=24, caption_max_pixels=64 * 64, height=64, width=64, steps=4)
+        model = cls(lvlm, processor, connector, dit, vae, settings)
+        return model.to(device=device, dtype=dtype).eval()
+
+    @classmethod
+    def from_pretrained(cls, release: str | os.PathLike | None = None, *, lvlm: str | os.PathLike | None = None,
+                        dit: str | os.PathLike | None = None, sd3: str | os.PathLike | None = None,
+                        connector: str | os.PathLike | None = None, llm_lora: str | os.PathLike | None = None,
+                        dit_lora: str | os.PathLike | None = None, pooled: str | os.PathLike | None = None,
+                        dtype: torch.dtype = torch.bfloat16,
+                        device: str | torch.device = "cpu", settings: UAESettings | None = None) -> "UAE":
+        """Load the official UAE release folder, or plain parts.
+
+        release: folder with `llm_model/` (Qwen2.5-VL + projector), `llm_lora/`, `dit/`, `dit_lora/`, `SD3/`
+        (VAE, scheduler); a processor may live in `llm_model/` or `llm_model_preprocessor/`.
+        Otherwise: `lvlm` (Qwen2.5-VL folder), `sd3` (SD3/SD3.5 diffusers folder: transformer/, vae/), optional `dit`
+        (a transformer folder replacing sd3's), `connector` (a connector file; default: the projector inside `lvlm`),
+        optional `llm_lora` / `dit_lora` adapters, `pooled` (a .safetensors holding 'pooled_projections'; default:
+        computed from sd3's text encoders). Explicit parts override the release's."""
+        from model import uae_release
+
+        parts = uae_release.resolve_parts(release, lvlm=lvlm, dit=dit, sd3=sd3, connector=connector,
+                                          llm_lora=llm_lora, dit_lora=dit_lora, pooled=pooled)
+        return uae_release.load(cls, parts, dtype=dtype, device=device, settings=settings)
+
+
+def _cap_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
+    """Downscale (keeping the aspect ratio) so the image has at most `max_pixels` pixels (released: 65536)."""
+    image = image.convert("RGB")
+    w, h = image.size
+    if w * h <= max_pixels:
+        return image
+    scale = (max_pixels / (w * h)) ** 0.5
+    return image.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BICUBIC)
+
+
+def _to_pil(images: torch.Tensor) -> list[Image.Image]:
+    x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
+    return [Image.fromarray(a.numpy()) for a in x]
+
+
+__all__ = ["UAE", "UAESettings", "CAPTION_PROMPT", "NEGATIVE_PROMPT"]

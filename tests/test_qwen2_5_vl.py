@@ -1,0 +1,535 @@
+"""model/qwen2_5_vl.py against transformers 5.24 Qwen2_5_VLForConditionalGeneration (fp32, tiny random models saved
+with save_pretrained): config parsing, vision tower, M-RoPE positions, logits / hidden states, greedy and sampled
+generation, the static KV cache against uncached forwards, loading (both key spellings, shards, bf16) and errors."""
+import json
+import math
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
+                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers.vision_utils import get_vision_window_index
+
+from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, mrope_positions, vision_attention_layout
+from weights import CheckpointError
+
+VOCAB = 300
+PAD, IM_END, VISION_START, VISION_END, IMAGE, VIDEO = 280, 282, 283, 284, 285, 286
+TEXT_IDS = 280  # ordinary tokens are drawn from [0, 280)
+GRIDS = {"wide": (1, 6, 10), "tall": (1, 8, 4)}  # patches; merged 3x5 and 4x2 tokens, windows of 2x2 merged tokens
+
+# Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct config.json (official flat layout), the fields that matter.
+OFFICIAL_3B = {
+    "architectures": ["Qwen2_5_VLForConditionalGeneration"], "attention_dropout": 0.0, "bos_token_id": 151643,
+    "eos_token_id": 151645, "vision_start_token_id": 151652, "vision_end_token_id": 151653,
+    "vision_token_id": 151654, "image_token_id": 151655, "video_token_id": 151656, "hidden_act": "silu",
+    "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008, "max_position_embeddings": 128000,
+    "max_window_layers": 70, "model_type": "qwen2_5_vl", "num_attention_heads": 16, "num_hidden_layers": 36,
+    "num_key_value_heads": 2, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0, "sliding_window": 32768,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "transformers_version": "4.41.2", "use_cache": True,
+    "use_sliding_window": False,
+    "vision_config": {"depth": 32, "hidden_act": "silu", "hidden_size": 1280, "intermediate_size": 3420,
+                      "num_heads": 16, "in_chans": 3, "out_hidden_size": 2048, "patch_size": 14,
+                      "spatial_merge_size": 2, "spatial_patch_size": 14, "window_size": 112,
+                      "fullatt_block_indexes": [7, 15, 23, 31], "tokens_per_second": 2, "temporal_patch_size": 2},
+    "rope_scaling": {"type": "mrope", "mrope_section": [16, 24, 24]}, "vocab_size": 151936,
+}
+OFFICIAL_7B = {**OFFICIAL_3B, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
+               "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
+               "vocab_size": 152064, "vision_config": {**OFFICIAL_3B["vision_config"], "out_hidden_size": 3584}}
+
+
+def rel_err(a, b):
+    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
+
+
+def hf_config(tie=False, **text):
+    return Qwen2_5_VLConfig(
+        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
+                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=256,
+                         **text),
+        vision_config=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
+                           window_size=56, fullatt_block_indexes=[1, 3]),
+        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
+        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
+
+
+def build_hf(folder, tie, seed):
+    """A random HF model with unit-gain weights: large enough that greedy decoding does not collapse onto one token
+    (transformers' 0.02 init does), small enough that fp32 rounding stays near 1e-6 (at twice this gain our fp32 and
+    transformers' fp32 both sit ~1e-5 from an fp64 forward). An untied head gives the special ids logit 0, so that
+    generation (almost) never emits image tokens, which a sequence fed back through forward may not contain."""
+    torch.manual_seed(seed)
+    hf = Qwen2_5_VLForConditionalGeneration(hf_config(tie)).eval()
+    with torch.no_grad():
+        for name, p in hf.named_parameters():
+            if "norm" in name or "ln_q" in name:
+                p.uniform_(0.5, 1.5)
+            elif p.ndim == 1:
+                p.normal_(0, 0.1)
+            elif "embed_tokens" in name:
+                p.normal_(0, 1.0)
+            else:
+                p.normal_(0, 1 / math.sqrt(p[0].numel()))
+        if not tie:
+            hf.lm_head.weight[TEXT_IDS:] = 0
+    hf.save_pretrained(folder, safe_serialization=True)
+    return hf
+
+
+@pytest.fixture(scope="module")
+def untied(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen_untied")
+    hf = build_hf(folder, tie=False, seed=0)
+    return hf, Qwen25VL.from_pretrained(folder), folder
+
+
+@pytest.fixture(scope="module")
+def tied(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("qwen_tied")
+    hf = build_hf(folder, tie=True, seed=1)
+    return hf, Qwen25VL.from_pretrained(folder), folder
+
+
+def make_batch(rows, seed=0, right_pad_last=0):
+    """rows: one list of image names per row plus a text length, e.g. (["wide"], 5). Left-padded input_ids with
+    `<|vision_start|> image pads <|vision_end|>` per image, attention mask, pixel_values, image_grid_thw,
+    mm_token_type_ids. right_pad_last > 0 appends that many masked pad tokens to every row (caption-style)."""
+    g = torch.Generator().manual_seed(seed)
+    seqs, grids = [], []
+    for images, n_text in rows:
+        ids = torch.randint(0, TEXT_IDS, (3,), generator=g).tolist()
+        for name in images:
+            t, h, w = GRIDS[name]
+            grids.append([t, h, w])
+            ids += [VISION_START] + [IMAGE] * (t * h * w // 4) + [VISION_END]
+            ids += torch.randint(0, TEXT_IDS, (2,), generator=g).tolist()
+        seqs.append(ids + torch.randint(0, TEXT_IDS, (n_text,), generator=g).tolist())
+    length = max(map(len, seqs))
+    input_ids = torch.full((len(rows), length + right_pad_last), PAD)
+    mask = torch.zeros_like(input_ids)
+    for i, s in enumerate(seqs):
+        input_ids[i, length - len(s):length] = torch.tensor(s)
+        mask[i, length - len(s):length] = 1
+    batch = {"input_ids": input_ids, "attention_mask": mask}
+    if grids:
+        grid = torch.tensor(grids)
+        batch["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), 1176, generator=g)
+        batch["image_grid_thw"] = grid
+    return batch
+
+
+def hf_kwargs(hf, batch):
+    """HF inputs: mm_token_type_ids so that it builds 3-D positions; text-only batches get the positions of its own
+    get_rope_index (its forward would otherwise ignore the padding), and stale rope_deltas are cleared."""
+    hf.model.rope_deltas = None
+    kw = dict(batch)
+    kw["mm_token_type_ids"] = (batch["input_ids"] == IMAGE).int()
+    if "pixel_values" not in batch:
+        kw["position_ids"], _ = hf.model.get_rope_index(batch["input_ids"], kw.pop("mm_token_type_ids"),
+                                                        attention_mask=batch["attention_mask"])
+    return kw
+
+
+def ours_kwargs(batch):
+    return {k: batch[k] for k in ("pixel_values", "image_grid_thw", "attention_mask") if k in batch}
+
+
+# ----------------------------------------------------------------------------------------------------------- config
+
+def test_presets_match_official_configs_and_transformers_nested_layout(tmp_path):
+    assert Qwen25VLConfig.from_json(OFFICIAL_3B) == Qwen25VLConfig.preset("3b")
+    assert Qwen25VLConfig.from_json(OFFICIAL_7B) == Qwen25VLConfig.preset("7b")
+    seven = Qwen25VLConfig.preset("7b")
+    assert (seven.text.hidden_size, seven.text.num_hidden_layers, seven.text.num_attention_heads,
+            seven.text.num_key_value_heads, seven.text.intermediate_size, seven.text.tie_word_embeddings,
+            seven.vision.out_hidden_size) == (3584, 28, 28, 4, 18944, False, 3584)
+    # transformers reads the flat file and writes its nested layout (text_config + rope_parameters).
+    for name, flat in (("3b", OFFICIAL_3B), ("7b", OFFICIAL_7B)):
+        Qwen2_5_VLConfig(**flat).save_pretrained(tmp_path / name)
+        nested = json.loads((tmp_path / name / "config.json").read_text())
+        assert "text_config" in nested and "rope_parameters" in nested["text_config"]
+        assert Qwen25VLConfig.from_json(tmp_path / name) == Qwen25VLConfig.preset(name)
+    with torch.device("meta"):
+        model = Qwen25VL(Qwen25VLConfig.preset("3b"))
+    assert model.lm_head.weight is model.language_model.embed_tokens.weight
+    assert model.visual.patch_embed.weight.shape == (1280, 3, 2, 14, 14)
+    ids = dict(image_token_id=7, video_token_id=8, vision_start_token_id=9, vision_end_token_id=10)
+    tiny = Qwen25VLConfig.preset("tiny", vocab_size=500, **ids)
+    assert (tiny.text.vocab_size, tiny.image_token_id, tiny.vision_end_token_id) == (500, 7, 10)
+    with pytest.raises(ValueError, match="video_token_id 151656 is outside the vocabulary"):
+        Qwen25VLConfig.preset("tiny", vocab_size=500, image_token_id=7)
+    with pytest.raises(ValueError, match="unknown Qwen2.5-VL preset '2b'"):
+        Qwen25VLConfig.preset("2b")
+    with pytest.raises(ValueError, match=r"\['depth'\] are neither"):
+        Qwen25VLConfig.preset("tiny", depth=3)
+
+
+@pytest.mark.parametrize("change, match", [
+    (lambda d: d.update(model_type="qwen2_vl"), "model_type 'qwen2_vl'"),
+    (lambda d: d.update(hidden_act="gelu"), "text hidden_act 'gelu'"),
+    (lambda d: d["vision_config"].update(hidden_act="gelu"), "vision hidden_act 'gelu'"),
+    (lambda d: d.update(use_sliding_window=True), "use_sliding_window"),
+    (lambda d: d.update(rope_scaling={"type": "yarn", "factor": 2.0}), "only M-RoPE"),
+    (lambda d: d.update(rope_scaling={"type": "mrope", "mrope_section": [16, 24, 16]}), "mrope_section"),
+    (lambda d: d.update(text_config={"hidden_size": 1024}), "hidden_size is 2048 at top level but 1024"),
+    (lambda d: d.update(text_config={"rope_parameters": {"rope_type": "default", "mrope_section": [8, 28, 28]}}),
+     r"contradictory RoPE settings: mrope_section \[\(8, 28, 28\), \(16, 24, 24\)\]"),
+    (lambda d: d.update(rope_parameters={"rope_type": "default", "rope_theta": 10000.0}),
+     r"rope_theta \[10000.0, 1000000.0\]"),
+    (lambda d: d.pop("vision_config"), "vision_config is missing"),
+    (lambda d: d["vision_config"].pop("depth"), "vision_config.depth is missing"),
+    (lambda d: d.pop("num_hidden_layers"), r"\['num_hidden_layers'\] are missing"),
+    (lambda d: d["vision_config"].update(fullatt_block_indexes=[7, 32]), r"fullatt_block_indexes \[32\]"),
+    (lambda d: d["vision_config"].update(spatial_patch_size=16), "spatial_patch_size 16 disagrees"),
+    (lambda d: d["vision_config"].update(window_size=100), "window_size 100"),
+    (lambda d: d["vision_config"].update(out_hidden_size=1024), "out_hidden_size 1024 must equal"),
+    (lambda d: d.update(image_token_id=200000), "image_token_id 200000 is outside"),
+    (lambda d: d.update(num_key_value_heads=3), "not a multiple of num_key_value_heads 3"),
+])
+def test_config_errors(change, match):
+    d = json.loads(json.dumps(OFFICIAL_3B))
+    change(d)
+    with pytest.raises(ValueError, match=match):
+        Qwen25VLConfig.from_json(d)
+
+
+# ----------------------------------------------------------------------------------------------------------- vision
+
+def test_window_layout_matches_transformers():
+    grid = torch.tensor([GRIDS["wide"], GRIDS["tall"], (2, 4, 4)])
+    vis = VisionConfig(depth=4, hidden_size=32, num_heads=2, intermediate_size=48, out_hidden_size=64, window_size=56,
+                       fullatt_block_indexes=(1, 3))
+    window_index, cu_window, cu_full = vision_attention_layout(grid, vis)
+    ref_index, ref_cu = get_vision_window_index(grid, spatial_merge_size=2, window_size=56, patch_size=14)
+    assert torch.equal(window_index, ref_index) and torch.equal(cu_window, ref_cu)
+    assert cu_full.tolist() == [0, 60, 92, 108, 124]  # one segment per frame
+
+
+def test_vision_tower_matches_hf(untied):
+    hf, ours, _ = untied
+    torch.manual_seed(3)
+    grid = torch.tensor([GRIDS["wide"], GRIDS["tall"]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 1176)
+    with torch.no_grad():
+        got = ours.visual(pixels, grid)
+        want = hf.model.visual(pixels, grid_thw=grid).pooler_output
+    assert got.shape == (23, 64)
+    assert rel_err(got, want) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------- text
+
+def test_mrope_positions_match_get_rope_index(untied):
+    hf, ours, _ = untied
+    batch = make_batch([(["wide", "tall"], 4), ([], 9), (["tall"], 2)], seed=4)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    positions, delta = mrope_positions(ids, mask, batch["image_grid_thw"], ours.config)
+    ref, ref_delta = hf.model.get_rope_index(ids, (ids == IMAGE).int(), image_grid_thw=batch["image_grid_thw"],
+                                             attention_mask=mask)
+    assert torch.equal(positions, ref)
+    # ours counts from the padded column T; transformers from the number of real tokens.
+    assert torch.equal(delta + ids.shape[1], ref_delta[:, 0] + mask.sum(1))
+
+
+CASES = {
+    "text": [([], 11)],
+    "one_image": [(["wide"], 5)],
+    "two_images": [(["wide", "tall"], 3)],
+    "padded_batch": [(["tall"], 2), ([], 6), (["wide", "tall"], 1), ([], 30)],
+    "padded_text": [([], 3), ([], 12)],
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_logits_and_hidden_match_hf(untied, case):
+    hf, ours, _ = untied
+    batch = make_batch(CASES[case], seed=len(case))
+    with torch.no_grad():
+        logits = ours(batch["input_ids"], **ours_kwargs(batch))
+        hidden = ours.forward_hidden(batch["input_ids"], **ours_kwargs(batch))
+        ref = hf(**hf_kwargs(hf, batch))
+        ref_hidden = hf.model(**hf_kwargs(hf, batch)).last_hidden_state
+    keep = batch["attention_mask"].bool()
+    assert logits.shape == (*batch["input_ids"].shape, VOCAB)
+    assert rel_err(logits[keep], ref.logits[keep]) <= 1e-5
+    assert rel_err(hidden[keep], ref_hidden[keep]) <= 1e-5
+
+
+def test_right_padding_positions_match_hf(untied):
+    """Caption-style batches (left-padded prompt, right-padded tail) feed the hidden states of the right pads to the
+    DiT: those must match transformers too, not only the real tokens."""
+    hf, ours, _ = untied
+    batch = make_batch([(["tall"], 4), ([], 1)], seed=5, right_pad_last=4)
+    batch["attention_mask"][0, -4:-1] = 1  # row 0: three more real tokens, then one right pad
+    batch["input_ids"][0, -4:-1] = torch.tensor([5, 6, 7])
+    with torch.no_grad():
+        hidden = ours.forward_hidden(batch["input_ids"], **ours_kwargs(batch))
+        ref = hf.model(**hf_kwargs(hf, batch)).last_hidden_state
+    mask = batch["attention_mask"]
+    not_left_pad = mask.cumsum(1) > 0
+    assert (not_left_pad & (mask == 0)).sum() == 5
+    assert rel_err(hidden[not_left_pad], ref[not_left_pad]) <= 1e-5
+    assert torch.isfinite(hidden).all()
+
+
+def test_tied_model_matches_hf(tied):
+    hf, ours, folder = tied
+    assert "lm_head.weight" not in load_file(folder / "model.safetensors")
+    assert ours.lm_head.weight is ours.language_model.embed_tokens.weight
+    batch = make_batch([(["wide"], 3), ([], 7)], seed=6)
+    with torch.no_grad():
+        got, want = ours(batch["input_ids"], **ours_kwargs(batch)), hf(**hf_kwargs(hf, batch)).logits
+    keep = batch["attention_mask"].bool()
+    assert rel_err(got[keep], want[keep]) <= 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------------- generation
+
+def hf_generate(hf, batch, **kw):
+    kw = {"do_sample": False, "top_k": None, "top_p": None, "temperature": None, **kw}
+    return hf.generate(**hf_kwargs(hf, batch), **kw)
+
+
+@pytest.mark.parametrize("case, penalty", [("text", 1.0), ("image", 1.0), ("image", 1.3)])
+def test_greedy_generation_matches_hf(untied, case, penalty):
+    hf, ours, _ = untied
+    rows = [([], 5), ([], 9), ([], 2)] if case == "text" else [(["wide"], 2), ([], 8), (["tall", "wide"], 1)]
+    batch = make_batch(rows, seed=7)
+    free = ours.generate(batch["input_ids"], max_new_tokens=40, eos_token_id=VIDEO, pad_token_id=PAD,
+                         repetition_penalty=penalty, **ours_kwargs(batch))
+    assert free.new_tokens.shape == (3, 40) and free.mask.all()
+    # Make row 0 stop early on the token it produces at step 12 (or earlier, if it produced it before).
+    eos = int(free.new_tokens[0, 12])
+    out = ours.generate(batch["input_ids"], max_new_tokens=40, eos_token_id=(eos, VIDEO), pad_token_id=PAD,
+                        repetition_penalty=penalty, **ours_kwargs(batch))
+    ref = hf_generate(hf, batch, max_new_tokens=40, eos_token_id=[eos, VIDEO], pad_token_id=PAD,
+                      repetition_penalty=penalty)
+    assert torch.equal(out.sequences, ref)
+    stop = int((free.new_tokens[0] == eos).nonzero()[0])
+    assert out.mask[0].sum() == stop + 1 and (out.new_tokens[0, stop + 1:] == PAD).all()
+    assert (out.logprobs[0, stop + 1:] == 0).all() and (out.logprobs[out.mask] <= 0).all()
+    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + out.new_tokens.shape[1]
+
+
+def test_generation_stops_when_all_rows_finish(untied):
+    _, ours, _ = untied
+    batch = make_batch([([], 4), ([], 6)], seed=8)
+    free = ours.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10, eos_token_id=VIDEO,
+                         pad_token_id=PAD)
+    eos = (int(free.new_tokens[0, 2]), int(free.new_tokens[1, 3]))
+    out = ours.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10, eos_token_id=eos,
+                        pad_token_id=PAD, return_hidden=True)
+    n = out.new_tokens.shape[1]
+    assert n <= 4 and torch.isin(out.new_tokens[:, -1], torch.tensor(eos + (PAD,))).all()
+    assert out.mask.sum(1).tolist() == [int((free.new_tokens[i, :n] == e).nonzero()[0]) + 1 for i, e in enumerate(eos)]
+    assert out.hidden.shape == (2, batch["input_ids"].shape[1] + n, 64)
+
+
+SAMPLING = dict(do_sample=True, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2)
+
+
+def test_sampling_reproducible_and_logprobs_match_processed_distribution(untied):
+    hf, ours, _ = untied
+    batch = make_batch([(["wide"], 2), ([], 9)], seed=9)
+    run = lambda seed: ours.generate(batch["input_ids"], max_new_tokens=24, eos_token_id=IM_END, pad_token_id=PAD,
+                                     generator=torch.Generator().manual_seed(seed), **SAMPLING,
+                                     **ours_kwargs(batch))
+    a, b, c = run(0), run(0), run(1)
+    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
+    assert not torch.equal(a.sequences, c.sequences)
+
+    # Independent recomputation: transformers' logits of the sampled sequence (full forward, no cache) through
+    # transformers' own processors, in generate's order, then log_softmax.
+    prompt_len = batch["input_ids"].shape[1]
+    mask = batch["attention_mask"]
+    full = dict(batch, input_ids=a.sequences, attention_mask=torch.cat([mask, a.mask.long()], 1))
+    with torch.no_grad():
+        logits = hf(**hf_kwargs(hf, full)).logits.float()
+    processors = LogitsProcessorList([
+        RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=(mask != 0).int().argmax(1)),
+        TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9)])
+    want = torch.zeros_like(a.logprobs)
+    for i in range(a.new_tokens.shape[1]):
+        scores = processors(a.sequences[:, :prompt_len + i], logits[:, prompt_len - 1 + i].clone())
+        want[:, i] = scores.log_softmax(-1).gather(1, a.new_tokens[:, i:i + 1])[:, 0]
+    assert rel_err(a.logprobs[a.mask], want[a.mask]) <= 1e-5
+    assert (a.logprobs[~a.mask] == 0).all()
+
+
+def test_sampling_with_global_rng_matches_hf(untied):
+    hf, ours, _ = untied
+    batch = make_batch([(["tall"], 3), ([], 5)], seed=10)
+    torch.manual_seed(123)
+    out = ours.generate(batch["input_ids"], max_new_tokens=20, eos_token_id=IM_END, pad_token_id=PAD, **SAMPLING,
+                        **ours_kwargs(batch))
+    torch.manual_seed(123)
+    ref = hf_generate(hf, batch, max_new_tokens=20, eos_token_id=[IM_END], pad_token_id=PAD, **SAMPLING)
+    assert torch.equal(out.sequences, ref)
+
+
+def test_cached_decode_matches_uncached_forward(untied):
+    _, ours, _ = untied
+    batch = make_batch([(["wide"], 1), ([], 6), (["tall"], 4)], seed=11)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    out = ours.generate(ids, mask, max_new_tokens=16, eos_token_id=VIDEO, pad_token_id=PAD, return_hidden=True,
+                        **images)
+    # Greedy from scratch: a full uncached forward over the growing sequence at every step.
+    seq, seq_mask = ids, mask
+    with torch.no_grad():
+        for _ in range(16):
+            nxt = ours(seq, attention_mask=seq_mask, **images)[:, -1].argmax(-1)
+            seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, torch.ones_like(nxt)[:, None]], 1)
+        hidden = ours.forward_hidden(seq, attention_mask=seq_mask, **images)
+    assert torch.equal(out.sequences, seq)
+    keep = seq_mask.bool()
+    assert rel_err(out.hidden[keep], hidden[keep]) <= 1e-5
+
+    # GRPO path: log-probs of the sampled tokens from an uncached forward through token_logprobs, at temperature T.
+    sampled = ours.generate(ids, mask, max_new_tokens=12, do_sample=True, temperature=0.8, eos_token_id=IM_END,
+                            pad_token_id=PAD, generator=torch.Generator().manual_seed(5), **images)
+    full_mask = torch.cat([mask, sampled.mask.long()], 1)
+    with torch.no_grad():
+        h = ours.forward_hidden(sampled.sequences, attention_mask=full_mask, **images)
+        lp = ours.token_logprobs(h[:, ids.shape[1] - 1:-1], sampled.new_tokens, temperature=0.8)
+    assert lp.shape == sampled.logprobs.shape and lp.dtype == torch.float32
+    assert rel_err(lp[sampled.mask], sampled.logprobs[sampled.mask]) <= 1e-5
+
+
+def test_gradient_checkpointing_same_values_and_grads(untied):
+    _, ours, _ = untied
+    batch = make_batch([([], 7), ([], 3)], seed=12)
+    grads = []
+    for flag in (False, True):
+        ours.gradient_checkpointing = flag
+        ours.zero_grad()
+        h = ours.forward_hidden(batch["input_ids"], attention_mask=batch["attention_mask"])
+        ours.token_logprobs(h[:, :-1], batch["input_ids"][:, 1:]).sum().backward()
+        grads.append(ours.language_model.layers[0].self_attn.q_proj.weight.grad.clone())
+    ours.gradient_checkpointing = False
+    ours.zero_grad(set_to_none=True)
+    assert rel_err(grads[1], grads[0]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------- loading
+
+def test_transformers5_key_spelling_and_sharded_checkpoint(untied, tmp_path):
+    hf, ours, folder = untied
+    state = load_file(folder / "model.safetensors")
+    assert any(k.startswith("visual.") for k in state) and any(k.startswith("model.layers.") for k in state)
+    renamed = {("model." + k if k.startswith("visual.") else k.replace("model.", "model.language_model.", 1)
+                if k.startswith("model.") else k): v for k, v in state.items()}
+    (tmp_path / "v5").mkdir()
+    save_file(renamed, tmp_path / "v5" / "model.safetensors")
+    shutil.copy(folder / "config.json", tmp_path / "v5" / "config.json")
+    hf.save_pretrained(tmp_path / "sharded", safe_serialization=True, max_shard_size="100KB")
+    assert (tmp_path / "sharded" / "model.safetensors.index.json").exists()
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    batch = make_batch([(["tall"], 3), ([], 5)], seed=13)
+    with torch.no_grad():
+        want = ours(batch["input_ids"], **ours_kwargs(batch))
+        for sub in ("v5", "sharded"):
+            got = Qwen25VL.from_pretrained(tmp_path / sub)(batch["input_ids"], **ours_kwargs(batch))
+            assert torch.equal(got, want), sub
+
+
+def test_bf16_load(untied):
+    _, ours, folder = untied
+    model = Qwen25VL.from_pretrained(folder, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    batch = make_batch([(["wide"], 3), ([], 4)], seed=14)
+    with torch.no_grad():
+        got = model(batch["input_ids"], **ours_kwargs(batch))
+        want = ours(batch["input_ids"], **ours_kwargs(batch))
+        out = model.generate(batch["input_ids"], max_new_tokens=4, eos_token_id=IM_END, pad_token_id=PAD,
+                             return_hidden=True, **ours_kwargs(batch))
+    keep = batch["attention_mask"].bool()
+    assert got.dtype == torch.bfloat16 and rel_err(got[keep], want[keep]) < 0.1
+    assert out.logprobs.dtype == torch.float32 and out.hidden.dtype == torch.bfloat16
+
+
+def edit_folder(src, dst, config=None, tensors=None):
+    dst.mkdir()
+    cfg = json.loads((src / "config.json").read_text())
+    if config:
+        config(cfg)
+    (dst / "config.json").write_text(json.dumps(cfg))
+    state = load_file(src / "model.safetensors")
+    if tensors:
+        tensors(state)
+    save_file(state, dst / "model.safetensors")
+    return dst
+
+
+def test_checkpoint_errors(untied, tmp_path):
+    _, _, folder = untied
+    wrong_config = edit_folder(folder, tmp_path / "a", config=lambda c: c["text_config"].update(intermediate_size=80))
+    with pytest.raises(CheckpointError, match=r"shape mismatch for 'model\.layers\.0\.mlp\.gate_proj\.weight'.*"
+                                              r"checkpoint \[96, 64\], module \[80, 64\]"):
+        Qwen25VL.from_pretrained(wrong_config)
+    missing = edit_folder(folder, tmp_path / "b", tensors=lambda s: s.pop("visual.blocks.2.attn.qkv.bias"))
+    with pytest.raises(CheckpointError, match=r"missing key 'visual\.blocks\.2\.attn\.qkv\.bias'"):
+        Qwen25VL.from_pretrained(missing)
+    no_head = edit_folder(folder, tmp_path / "c", tensors=lambda s: s.pop("lm_head.weight"))
+    with pytest.raises(CheckpointError, match=r"missing key 'lm_head\.weight'"):
+        Qwen25VL.from_pretrained(no_head)
+    extra = edit_folder(folder, tmp_path / "d", tensors=lambda s: s.update({"model.layers.0.extra": torch.ones(2)}))
+    with pytest.raises(CheckpointError, match=r"unexpected key 'model\.layers\.0\.extra'"):
+        Qwen25VL.from_pretrained(extra)
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        Qwen25VL.from_pretrained(tmp_path / "nowhere")
+
+
+# ----------------------------------------------------------------------------------------------------------- bad input
+
+def test_bad_inputs(untied):
+    _, ours, _ = untied
+    batch = make_batch([(["wide"], 2), ([], 6)], seed=15)
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    pixels, grid = batch["pixel_values"], batch["image_grid_thw"]
+    cases = [
+        (dict(image_grid_thw=torch.tensor([GRIDS["tall"]])), r"hold 15 image tokens .* needs 8"),
+        (dict(pixel_values=pixels[:, :100]), r"pixel_values shape \[60, 100\], expected \[60, 1176\]"),
+        (dict(pixel_values=None), "must be given together"),
+        (dict(image_grid_thw=torch.tensor([[1, 6, 9]])), "multiples of spatial_merge_size"),
+        (dict(attention_mask=mask[:, 1:]), "attention_mask shape"),
+        (dict(attention_mask=mask * 2), "only 0 and 1"),
+        (dict(input_ids=ids.float()), "integer tensor"),
+        (dict(input_ids=ids.index_put((torch.tensor(1), torch.tensor(-1)), torch.tensor(VOCAB))),
+         r"must lie in \[0, 300\)"),
+        (dict(input_ids=ids.index_put((torch.tensor(1), torch.tensor(-1)), torch.tensor(VIDEO))), "video tokens"),
+    ]
+    for change, match in cases:
+        kw = {"input_ids": ids, "attention_mask": mask, "pixel_values": pixels, "image_grid_thw": grid, **change}
+        with pytest.raises(ValueError, match=match):
+            ours.forward_hidden(**kw)
+    no_images = make_batch([(["wide"], 2)], seed=15)["input_ids"]
+    with pytest.raises(ValueError, match="15 image tokens but no pixel_values"):
+        ours(no_images)
+    split = make_batch([(["tall", "tall"], 2)], seed=16)
+    split["input_ids"][0, (split["input_ids"][0] == IMAGE).nonzero()[3]] = 5  # a gap inside the first image
+    split["input_ids"][0, -1] = IMAGE
+    with pytest.raises(ValueError, match=r"image 0 \(image_grid_thw \[1, 8, 4\]\) needs 8 consecutive .* has 3"):
+        ours(split["input_ids"], split["pixel_values"], split["image_grid_thw"])
+    with pytest.raises(ValueError, match="all zeros"):
+        ours(ids, attention_mask=torch.zeros_like(mask))
+
+    gen = dict(max_new_tokens=4, eos_token_id=IM_END, pad_token_id=PAD)
+    text = make_batch([([], 3), ([], 5)], seed=17)
+    ids, mask = text["input_ids"], text["attention_mask"]
+    with pytest.raises(ValueError, match=r"\+ max_new_tokens 250 = 2.. exceeds max_position_embeddings 256"):
+        ours.generate(ids, mask, **{**gen, "max_new_tokens": 250})
+    with pytest.raises(ValueError, match="left-padded"):
+        ours.generate(ids, mask.flip(1), **gen)
+    for bad, match in [(dict(do_sample=True, temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"),
+                       (dict(top_p=0.0), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
+                       (dict(max_new_tokens=0), "max_new_tokens"), (dict(pad_token_id=VOCAB), "pad_token_id")]:
+        with pytest.raises(ValueError, match=match):
+            ours.generate(ids, mask, **{**gen, **bad})
+    with pytest.raises(ValueError, match="leading dimensions"):
+        ours.token_logprobs(torch.zeros(2, 3, 64), torch.zeros(2, 4, dtype=torch.long))
