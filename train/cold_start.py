@@ -1,0 +1,184 @@
+"""Unified-GRPO stage 1: cold start. The LVLM and the DiT are trained jointly with only the reconstruction loss
+
+    L = 1 - cos(f(x), f(x~)),   f = frozen CLIP image features, x~ = decoder(connector(LVLM(x, caption)))
+
+The caption is sampled from the LVLM (no gradient through the discrete tokens); the DiT is conditioned on the hidden
+states of the caption tokens computed with the image in context (`UAE.caption_context`), so the gradient flows from the
+reconstruction through the sampler, the VAE decoder and the connector into the LVLM (LoRA) — and into the DiT (LoRA).
+Sampling uses few steps (released: 512 px, 10 steps, CFG 5); `--grad-last-k` truncates backprop to the last K steps.
+
+Launch:
+    # tiny preset on procedurally generated images, one CPU process
+    torchrun --nproc_per_node=1 train/cold_start.py
+    # 1 GPU, official weights
+    torchrun --nproc_per_node=1 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
+        --data data/images/ --dtype bf16 --size 512 --batch-size 1 --grad-checkpointing --out runs/cold_start
+    # 8 GPUs
+    torchrun --nproc_per_node=8 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
+        --data data/images/ --dtype bf16 --size 512 --batch-size 8 --grad-checkpointing --out runs/cold_start
+    # resume: add --resume
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # `torchrun train/cold_start.py` runs the file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from model.flow import euler_step, flow_sigmas
+from model.lora import apply_lora, load_lora, lora_parameters, save_lora
+from model.uae import NEGATIVE_PROMPT
+from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_reward, build_uae,
+                          close_distributed, init_distributed, latest_checkpoint, load_checkpoint_state, option,
+                          parse_dtype, parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
+from train.grpo_decoder import DIT_LORA_TARGETS
+from train.grpo_encoder import LLM_LORA_TARGETS
+
+
+@dataclass
+class Options:
+    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+    clip: str = option("", "CLIP ViT-L/14 folder for the loss; empty = a tiny random CLIP (tiny preset only)")
+    data: str = option("", "folder or JSONL of images; empty = procedurally generated scenes")
+    out: str = option("runs/cold_start", "run folder: metrics.jsonl, checkpoints, adapters")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    steps: int = option(30, "optimizer steps")
+    batch_size: int = option(2, "images per step (global)")
+    size: int = option(64, "reconstruction size in pixels (released: 512)")
+    sample_steps: int = option(4, "denoising steps (released: 10)")
+    grad_last_k: int = option(0, "backprop through the last K denoising steps only; 0 = all")
+    guidance_scale: float = option(5.0, "CFG scale")
+    caption_temperature: float = option(0.7, "caption sampling temperature")
+    max_new_tokens: int = option(0, "max caption tokens; 0 = the model's default")
+    train_connector: bool = option(True, "train the connector's full weights")
+    lr: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    lora_rank: int = option(32, "LoRA rank of both halves")
+    lora_alpha: float = option(64.0, "LoRA alpha of both halves")
+    dtype: str = option("fp32", "fp32 | bf16 model weights")
+    device: str = option("auto", "auto | cpu | cuda")
+    grad_checkpointing: bool = option(False, "activation checkpointing in the LM layers and DiT blocks")
+    seed: int = option(0, "seed of every random draw")
+    save_every: int = option(10, "checkpoint every N steps (and at the end)")
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
+
+
+RESUME_KEYS = ("uae", "data", "batch_size", "size", "sample_steps", "lora_rank", "lora_alpha", "train_connector",
+               "seed")
+
+
+def sample_with_grad(velocity, noise, sigmas, grad_last_k: int):
+    """Euler ODE sampling that keeps the graph (through the last `grad_last_k` steps only, if > 0)."""
+    x = noise
+    n = len(sigmas) - 1
+    for i in range(n):
+        with torch.set_grad_enabled(grad_last_k <= 0 or i >= n - grad_last_k):
+            t = (sigmas[i] * 1000).expand(x.shape[0])
+            x = euler_step(velocity(x, t), x, sigmas[i], sigmas[i + 1])
+    return x
+
+
+def main(argv: list[str] | None = None) -> dict:
+    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    d = init_distributed(o.device)
+    dtype = parse_dtype(o.dtype)
+    mine = split_for_rank(o.batch_size, d, "batch_size")
+
+    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
+    apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha,
+               init="gaussian")
+    apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+    params = lora_parameters(uae.lvlm) + lora_parameters(uae.dit)
+    if o.train_connector:
+        uae.connector.requires_grad_(True)
+        params += list(uae.connector.parameters())
+    for p in params:
+        p.data = p.data.float()
+    uae.connector.float()
+    uae.lvlm.gradient_checkpointing = uae.dit.gradient_checkpointing = o.grad_checkpointing
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    dataset = ImageCaptionDataset(o.data, need_caption=False) if o.data else ProceduralDataset(1000, o.size, o.seed)
+    sampler = ResumableSampler(dataset, seed=o.seed)
+    start = 0
+    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
+        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+        load_lora(uae.lvlm, folder / "llm_adapter")
+        load_lora(uae.dit, folder / "dit_adapter")
+        if o.train_connector:
+            uae.connector.load_state_dict(state["connector"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.state = SamplerState(**state["sampler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if d.is_main:
+            print(f"resumed from {folder} at step {start}", flush=True)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    guard = NonFiniteGuard(o.max_bad_steps)
+    sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
+    metrics: dict = {}
+
+    for step in range(start + 1, o.steps + 1):
+        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        images = sampler.next_batch(o.batch_size)
+        noise = torch.randn(uae.latent_shape(o.batch_size, o.size, o.size), generator=gen)[mine].to(d.device)
+        seeds = torch.randint(2**31 - 1, (o.batch_size,), generator=gen)[mine].tolist()
+        mine_images = [im for im, _ in images[mine]]
+
+        # 1. Captions (sampled, no gradient through the tokens), one seeded generator per image.
+        kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
+        outs = [uae.caption([im], temperature=o.caption_temperature, generator=torch.Generator().manual_seed(s),
+                            return_output=True, **kw)[2] for im, s in zip(mine_images, seeds)]
+        n_max = max(out.new_tokens.shape[1] for out in outs)
+        pad = uae.processor.pad_token_id
+        tokens = torch.cat([torch.nn.functional.pad(out.new_tokens, (0, n_max - out.new_tokens.shape[1]), value=pad)
+                            for out in outs])
+        masks = torch.cat([torch.nn.functional.pad(out.mask, (0, n_max - out.mask.shape[1]), value=False)
+                           for out in outs])
+
+        # 2. Differentiable reconstruction conditioned on the caption tokens' hidden states (image in context).
+        opt.zero_grad(set_to_none=True)
+        context = uae.caption_context(uae.caption_inputs(mine_images), tokens, masks)
+        with torch.no_grad():
+            negative = uae.encode_text([NEGATIVE_PROMPT]).expand(len(mine_images), -1, -1)
+        latents = sample_with_grad(uae.velocity_fn(context, negative, o.guidance_scale), noise, sigmas, o.grad_last_k)
+        recon = uae.vae.decode(uae.vae.from_model_latents(latents.to(dtype))).float()
+
+        # 3. L = 1 - cos(CLIP(x), CLIP(x~)), averaged over the global batch (gradients averaged over ranks).
+        sources = pil_to_tensor(mine_images, o.size).to(d.device)
+        similarity = reward_fn(sources, recon, differentiable=True)
+        loss = (1 - similarity).mean()
+        loss.backward()
+        average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        if guard.bad(step, loss=loss.detach(), grad_norm=grad_norm):
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        metrics = {"loss": float(loss), "similarity": float(similarity.mean()), "grad_norm": float(grad_norm),
+                   "caption_len": float(masks.sum(1).float().mean())}
+        log.log(step, metrics)
+        if step % o.save_every == 0 or step == o.steps:
+            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
+                     "rng": rng_state(), "connector": uae.connector.state_dict() if o.train_connector else None}
+
+            def write(folder):
+                save_lora(uae.lvlm, folder / "llm_adapter")
+                save_lora(uae.dit, folder / "dit_adapter")
+
+            if d.is_main:
+                save_checkpoint(o.out, step, state, write_extra=write)
+    log.close()
+    close_distributed()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,196 @@
+"""Unified-GRPO stage 2 (generation for understanding): GRPO on the captioner.
+
+The LVLM (LoRA adapters) is the policy over caption tokens: G captions are sampled per source image, each is re-encoded
+-> connector -> frozen DiT -> image, and the reward is the cosine of frozen CLIP image features of source and
+reconstruction. Token-level clipped objective with the k3 KL to the adapters-off reference (train/rl.py):
+
+    J = 1/G sum_i 1/|o_i| sum_t [min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) - beta KL_t]
+
+Per-token log-probs of the policy, the old policy and the reference all come from one code path
+(`caption_logprobs`: forward_hidden -> `lvlm.token_logprobs`), where the fused log-prob kernel plugs in.
+
+Launch:
+    # tiny preset on procedurally generated images, one CPU process
+    torchrun --nproc_per_node=1 train/grpo_encoder.py
+    # 1 GPU, official weights
+    torchrun --nproc_per_node=1 train/grpo_encoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
+        --data data/images/ --dtype bf16 --size 512 --group-size 8 --images-per-step 1 --out runs/grpo_encoder
+    # 8 GPUs
+    torchrun --nproc_per_node=8 train/grpo_encoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
+        --data data/images/ --dtype bf16 --size 512 --group-size 8 --images-per-step 8 --out runs/grpo_encoder
+    # resume: add --resume
+"""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # `torchrun train/grpo_encoder.py` runs the file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
+from train.common import (MetricsLogger, NonFiniteGuard, all_gather_cat, average_gradients, build_reward, build_uae,
+                          close_distributed, init_distributed, latest_checkpoint, load_checkpoint_state, option,
+                          parse_dtype, parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
+from train.rl import grpo_loss, group_advantages
+
+LLM_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+
+
+@dataclass
+class Options:
+    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+    clip: str = option("", "CLIP ViT-L/14 folder for the reward; empty = a tiny random CLIP (tiny preset only)")
+    data: str = option("", "folder or JSONL of images; empty = procedurally generated scenes")
+    out: str = option("runs/grpo_encoder", "run folder: metrics.jsonl, checkpoints, adapters")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    steps: int = option(30, "optimizer steps")
+    images_per_step: int = option(2, "source images per step (global)")
+    group_size: int = option(8, "captions per image (G)")
+    size: int = option(64, "reconstruction size in pixels")
+    temperature: float = option(1.0, "caption sampling temperature (also used for the log-probs)")
+    max_new_tokens: int = option(0, "max caption tokens; 0 = the model's default")
+    gen_steps: int = option(4, "denoising steps of the frozen decoder when rendering a caption")
+    guidance_scale: float = option(5.0, "decoder CFG scale")
+    clip_eps: float = option(0.2, "ratio clip range")
+    adv_clip: float = option(5.0, "advantage clamp")
+    beta: float = option(0.04, "k3 KL coefficient")
+    loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
+    lr: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    lora_rank: int = option(32, "LoRA rank")
+    lora_alpha: float = option(64.0, "LoRA alpha")
+    lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
+    dtype: str = option("fp32", "fp32 | bf16 model weights")
+    device: str = option("auto", "auto | cpu | cuda")
+    grad_checkpointing: bool = option(False, "activation checkpointing in the LM layers")
+    seed: int = option(0, "seed of every random draw")
+    save_every: int = option(10, "checkpoint every N steps (and at the end)")
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
+
+
+RESUME_KEYS = ("uae", "data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha", "lora_targets",
+               "seed")
+
+
+def caption_logprobs(uae, inputs, tokens, mask, temperature):
+    """Per-token log-probs [B, N] of caption `tokens` given the image prompt `inputs` under the current LVLM
+    (adapters as they are set), computed in the one code path GRPO uses for policy, old policy and reference."""
+    prompt_len = inputs["input_ids"].shape[1]
+    ids = torch.cat([inputs["input_ids"], tokens.masked_fill(~mask, uae.processor.pad_token_id)], dim=1)
+    attn = torch.cat([inputs["attention_mask"], mask.long()], dim=1)
+    hidden = uae.lvlm.forward_hidden(ids, attention_mask=attn, pixel_values=inputs["pixel_values"],
+                                     image_grid_thw=inputs["image_grid_thw"])
+    # Position p predicts token p+1: the caption's N tokens are predicted from positions prompt_len-1 ... +N-2.
+    h = hidden[:, prompt_len - 1: prompt_len - 1 + tokens.shape[1]]
+    return uae.lvlm.token_logprobs(h, tokens, temperature=temperature)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    if o.loss_norm not in ("sequence_mean", "token_mean"):
+        raise ValueError(f"--loss-norm must be sequence_mean or token_mean, got {o.loss_norm!r}")
+    d = init_distributed(o.device)
+    dtype = parse_dtype(o.dtype)
+    n_caps = o.images_per_step * o.group_size
+    mine = split_for_rank(n_caps, d, "images_per_step * group_size")
+
+    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
+    targets = [t for t in o.lora_targets.split(",") if t]
+    # Adapters on the text decoder only (the vision tower's MLP shares the projection names).
+    apply_lora(uae.lvlm.language_model, targets, rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+    params = lora_parameters(uae.lvlm)
+    for p in params:
+        p.data = p.data.float()
+    uae.lvlm.gradient_checkpointing = o.grad_checkpointing
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    dataset = ImageCaptionDataset(o.data, need_caption=False) if o.data else ProceduralDataset(1000, o.size, o.seed)
+    sampler = ResumableSampler(dataset, seed=o.seed)
+    start = 0
+    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
+        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+        load_lora(uae.lvlm, folder / "adapter")
+        opt.load_state_dict(state["optimizer"])
+        sampler.state = SamplerState(**state["sampler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if d.is_main:
+            print(f"resumed from {folder} at step {start}", flush=True)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    guard = NonFiniteGuard(o.max_bad_steps)
+    metrics: dict = {}
+
+    for step in range(start + 1, o.steps + 1):
+        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        images = [im for im, _ in sampler.next_batch(o.images_per_step)]
+        seeds = torch.randint(2**31 - 1, (n_caps, 2), generator=gen)[mine].tolist()
+        image_of = [i // o.group_size for i in range(n_caps)][mine]
+
+        # 1. Sample this rank's captions (one seeded generator per caption: independent of the rank layout).
+        kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
+        tokens, masks, inputs = [], [], None
+        rows = []
+        for k, i in enumerate(image_of):
+            _, inp, out = uae.caption([images[i]], do_sample=True, temperature=o.temperature,
+                                      generator=torch.Generator().manual_seed(seeds[k][0]), return_output=True, **kw)
+            rows.append((inp, out.new_tokens[0], out.mask[0]))
+        n_max = max(r[1].shape[0] for r in rows)
+        pad = uae.processor.pad_token_id
+        tokens = torch.stack([torch.nn.functional.pad(t, (0, n_max - t.shape[0]), value=pad) for _, t, _ in rows])
+        masks = torch.stack([torch.nn.functional.pad(m, (0, n_max - m.shape[0]), value=False) for _, _, m in rows])
+        inputs = uae.caption_inputs([images[i] for i in image_of])
+        texts = [t.strip() for t in uae.processor.batch_decode(tokens.masked_fill(~masks, pad).tolist())]
+
+        # 2. Render each caption with the frozen decoder and score it against its source.
+        with torch.no_grad():
+            recon = []
+            for k, text in enumerate(texts):
+                g = torch.Generator().manual_seed(seeds[k][1])
+                recon.append(uae.generate([text], o.size, o.size, o.gen_steps, o.guidance_scale, g,
+                                          output_type="tensor"))
+            recon = torch.cat(recon)
+            sources = pil_to_tensor([images[i] for i in image_of], o.size).to(d.device)
+            rewards = reward_fn(sources, recon)
+        all_rewards = all_gather_cat(rewards.float())
+        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)[mine]
+
+        # 3. Old-policy and reference log-probs through the same path, then the clipped token-level update.
+        with torch.no_grad():
+            old_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+            with lora_disabled(uae.lvlm):
+                ref_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+        opt.zero_grad(set_to_none=True)
+        logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+        loss, st = grpo_loss(logp, old_logp, ref_logp, advantages, masks, o.clip_eps, o.beta, reduction=o.loss_norm)
+        loss.backward()
+        average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        if guard.bad(step, loss=loss.detach(), reward=all_rewards, grad_norm=grad_norm):
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+
+        lengths = all_gather_cat(masks.sum(1).float())
+        metrics = {"loss": float(loss), "reward_mean": float(all_rewards.mean()),
+                   "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
+                   "caption_len": float(lengths.mean()), **{k: float(v) for k, v in st.items()}}
+        log.log(step, metrics)
+        if step % o.save_every == 0 or step == o.steps:
+            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
+                     "rng": rng_state()}
+            if d.is_main:
+                save_checkpoint(o.out, step, state, write_extra=lambda f: save_lora(uae.lvlm, f / "adapter"))
+    log.close()
+    close_distributed()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,189 @@
+"""Stage 0: long-caption text-to-image pretraining of the decoder (MMDiT + connector) with the rectified-flow loss.
+
+The frozen LVLM encodes each caption (`generate` chat turn); the connector and the DiT are trained. Loss, as SD3's
+reference training (diffusers train_dreambooth_sd3 / training_utils):
+    sigma from the shifted schedule at index floor(u * 1000), u = sigmoid(N(logit_mean, logit_std)) ("logit_normal",
+    SD3 paper section 3.1); x_sigma = (1 - sigma) x0 + sigma eps; the DiT predicts v = eps - x0;
+    L = mean(w(sigma) * (v_pred - v)^2) with w = 1 for "logit_normal", 1/sigma^2 for "sigma_sqrt", and
+    2 / (pi (1 - 2 sigma + 2 sigma^2)) for "cosmap".
+x0 are VAE latents in the DiT's space ((z - shift) * scale).
+
+Launch:
+    # tiny preset on procedurally generated (image, caption) pairs, one CPU process
+    torchrun --nproc_per_node=1 train/sft_decoder.py
+    # 1 GPU, official weights, LoRA on the DiT
+    torchrun --nproc_per_node=1 train/sft_decoder.py --uae ckpt/UAE --data data/pairs.jsonl --dtype bf16 \
+        --size 1024 --batch-size 2 --lora-rank 64 --grad-checkpointing --out runs/sft_decoder
+    # 8 GPUs, full-parameter SFT of the 8B decoder sharded with FSDP2
+    torchrun --nproc_per_node=8 train/sft_decoder.py --uae ckpt/UAE --data data/pairs.jsonl --dtype bf16 \
+        --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --out runs/sft_decoder
+    # resume: add --resume
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+
+if __package__ in (None, ""):  # `torchrun train/sft_decoder.py` runs the file as a script
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import torch
+
+from model.lora import apply_lora, load_lora, lora_parameters, save_lora
+from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_uae, close_distributed,
+                          init_distributed, latest_checkpoint, load_checkpoint_state, option, parse_dtype,
+                          parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
+from train.grpo_decoder import DIT_LORA_TARGETS
+from weights import load_module, save_safetensors
+
+
+@dataclass
+class Options:
+    uae: str = option("", "UAE release folder (or any folder UAE.from_pretrained reads); empty = the tiny preset")
+    data: str = option("", "folder (image + same-named .txt) or JSONL of (image, caption); empty = procedural")
+    out: str = option("runs/sft_decoder", "run folder: metrics.jsonl, checkpoints")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    steps: int = option(40, "optimizer steps")
+    batch_size: int = option(4, "pairs per step (global)")
+    size: int = option(64, "training resolution in pixels")
+    weighting: str = option("logit_normal", "timestep sampling/weighting: logit_normal | sigma_sqrt | cosmap | uniform")
+    logit_mean: float = option(0.0, "logit-normal mean")
+    logit_std: float = option(1.0, "logit-normal std")
+    lora_rank: int = option(32, "LoRA rank on the DiT; 0 = full-parameter training")
+    lora_alpha: float = option(64.0, "LoRA alpha")
+    train_connector: bool = option(True, "train the connector")
+    fsdp: bool = option(False, "shard the DiT with FSDP2 (fully_shard per block) for full-parameter training")
+    lr: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(1e-4, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    dtype: str = option("fp32", "fp32 | bf16 model weights")
+    device: str = option("auto", "auto | cpu | cuda")
+    grad_checkpointing: bool = option(False, "activation checkpointing in the DiT blocks")
+    seed: int = option(0, "seed of every random draw")
+    save_every: int = option(20, "checkpoint every N steps (and at the end)")
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
+
+
+RESUME_KEYS = ("uae", "data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp", "seed")
+
+
+def sample_sigmas(n: int, o: Options, shift: float, generator: torch.Generator) -> torch.Tensor:
+    """Training sigmas: u from the weighting scheme's density, index floor(u * 1000) into SD3's shifted training
+    schedule sigma_i = s_i * shift / (1 + (shift - 1) s_i), s_i = (1000 - i) / 1000."""
+    if o.weighting == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator) * o.logit_std + o.logit_mean)
+    else:
+        u = torch.rand(n, generator=generator)
+    s = (1000 - (u * 1000).long().clamp(max=999)).float() / 1000
+    return shift * s / (1 + (shift - 1) * s)
+
+
+def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
+    if scheme == "sigma_sqrt":
+        return sigmas.pow(-2.0)
+    if scheme == "cosmap":
+        return 2 / (math.pi * (1 - 2 * sigmas + 2 * sigmas**2))
+    return torch.ones_like(sigmas)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    if o.weighting not in ("logit_normal", "sigma_sqrt", "cosmap", "uniform"):
+        raise ValueError(f"--weighting must be logit_normal, sigma_sqrt, cosmap or uniform, got {o.weighting!r}")
+    d = init_distributed(o.device)
+    dtype = parse_dtype(o.dtype)
+    mine = split_for_rank(o.batch_size, d, "batch_size")
+
+    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    if o.lora_rank > 0:
+        apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+        params = lora_parameters(uae.dit)
+    else:
+        uae.dit.requires_grad_(True)
+        params = list(uae.dit.parameters())
+    if o.train_connector:
+        uae.connector.requires_grad_(True)
+        params += list(uae.connector.parameters())
+    if dtype == torch.float32 or o.lora_rank > 0:
+        for p in params:
+            p.data = p.data.float()
+    uae.dit.gradient_checkpointing = o.grad_checkpointing
+    if o.fsdp:
+        if o.lora_rank > 0:
+            raise ValueError("--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
+        from torch.distributed.fsdp import fully_shard
+
+        for block in uae.dit.transformer_blocks:
+            fully_shard(block)
+        fully_shard(uae.dit)
+        params = [p for p in uae.dit.parameters()] + (list(uae.connector.parameters()) if o.train_connector else [])
+    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+    dataset = ImageCaptionDataset(o.data) if o.data else ProceduralDataset(1000, o.size, o.seed)
+    sampler = ResumableSampler(dataset, seed=o.seed)
+    start = 0
+    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
+        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+        if o.lora_rank > 0:
+            load_lora(uae.dit, folder / "adapter")
+        else:
+            uae.dit.load_state_dict(state["dit"])
+        if o.train_connector:
+            uae.connector.load_state_dict(state["connector"])
+        opt.load_state_dict(state["optimizer"])
+        sampler.state = SamplerState(**state["sampler"])
+        set_rng_state(state["rng"])
+        start = state["step"]
+        if d.is_main:
+            print(f"resumed from {folder} at step {start}", flush=True)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    guard = NonFiniteGuard(o.max_bad_steps)
+    metrics: dict = {}
+
+    for step in range(start + 1, o.steps + 1):
+        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        pairs = sampler.next_batch(o.batch_size)
+        latent_shape = uae.latent_shape(o.batch_size, o.size, o.size)
+        noise = torch.randn(latent_shape, generator=gen)[mine].to(d.device)
+        sigmas = sample_sigmas(o.batch_size, o, uae.settings.shift, gen)[mine].to(d.device)
+        images = [im for im, _ in pairs[mine]]
+        captions = [c for _, c in pairs[mine]]
+
+        with torch.no_grad():
+            x0 = uae.vae.to_model_latents(uae.vae.encode(pil_to_tensor(images, o.size).to(d.device, dtype))).float()
+        s = sigmas.view(-1, 1, 1, 1)
+        x_t = (1 - s) * x0 + s * noise
+        target = noise - x0
+        context = uae.encode_text(captions)
+        pooled = uae.pooled(len(images))
+        opt.zero_grad(set_to_none=True)
+        pred = uae.dit(x_t.to(dtype), sigmas * 1000, context.to(dtype), pooled).float()
+        per_sample = ((pred - target) ** 2).flatten(1).mean(1)
+        loss = (loss_weight(sigmas, o.weighting) * per_sample).mean()
+        loss.backward()
+        if not o.fsdp:  # FSDP2 reduce-scatters gradients itself
+            average_gradients(params)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        if guard.bad(step, loss=loss.detach(), grad_norm=grad_norm):
+            opt.zero_grad(set_to_none=True)
+        else:
+            opt.step()
+        metrics = {"loss": float(loss), "sigma_mean": float(sigmas.mean()), "grad_norm": float(grad_norm)}
+        log.log(step, metrics)
+        if step % o.save_every == 0 or step == o.steps:
+            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
+                     "rng": rng_state(), "connector": uae.connector.state_dict() if o.train_connector else None,
+                     "dit": None if o.lora_rank > 0 else uae.dit.state_dict()}
+            if d.is_main:
+                save_checkpoint(o.out, step, state,
+                                write_extra=(lambda f: save_lora(uae.dit, f / "adapter")) if o.lora_rank > 0 else None)
+    log.close()
+    close_distributed()
+    return metrics
+
+
+if __name__ == "__main__":
+    main()
