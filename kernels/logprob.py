@@ -16,31 +16,24 @@ Peak extra memory: O(N * vocab_chunk) (fp32 logits + their gradient in the input
 `vocab_chunk` defaults to about 2^25 / N vocabulary rows (128 MiB of fp32 logits).
 
 Logits are computed in fp32 (fp32 output of a bf16/fp16 GEMM via torch.mm's out_dtype on CUDA), so bf16 inputs give
-more accurate log-probs than log_softmax over bf16 logits. Runs on CUDA tensors; without CUDA, under Triton's
-interpreter on CPU tensors: importing this module sets TRITON_INTERPRET=1 unless it is already set or triton is already
-imported. With the interpreter off (e.g. TRITON_INTERPRET=0), CPU calls fall back to the plain torch
-`token_logprobs_reference`.
+more accurate log-probs than log_softmax over bf16 logits. Runs on CUDA tensors, or on CPU tensors under Triton's
+interpreter (TRITON_INTERPRET=1 in the environment before triton is first imported; slow, for tests); other CPU calls
+fall back to the plain torch `token_logprobs_reference`.
 """
 from __future__ import annotations
 
 import os
-import sys
 
 import torch
-
-# Without CUDA, run the kernels under Triton's interpreter on CPU tensors. The switch must precede the first
-# `import triton` in the process (triton.language's own jit helpers are built then), so it is left alone if triton
-# was imported already.
-if not torch.cuda.is_available() and "triton" not in sys.modules:
-    os.environ.setdefault("TRITON_INTERPRET", "1")
-
-import triton  # noqa: E402
-import triton.language as tl  # noqa: E402
+import triton
+import triton.language as tl
+from triton.runtime.interpreter import InterpretedFunction
 
 _DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 _LOGITS_BUDGET = 1 << 25
-# Read once, as the decorators below read it, so the dispatch always agrees with how the kernels were built.
-_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Triton's interpreter (CPU tensors) is on when TRITON_INTERPRET=1 both when triton was first imported (its own
+# language helpers are built then) and when the kernels below are decorated; a mix of the two cannot run.
+_INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1" and isinstance(tl.zeros, InterpretedFunction)
 
 
 @triton.jit

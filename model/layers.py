@@ -2,9 +2,11 @@
 
 `attention` is the single place where attention is computed, so the Triton kernels (kernels/attention.py) plug in
 here: `set_attention_backend("triton")` routes every model's attention through them; "sdpa" (torch) is the default
-and the fallback for anything a kernel does not support (arbitrary masks).
+and the fallback for anything a kernel does not support (arbitrary masks, CPU tensors outside Triton's interpreter).
 """
 from __future__ import annotations
+
+import os
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +33,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
     mask: bool (True = attend) or additive float, broadcastable to [B,H,Lq,Lk]. Returns [B,H,Lq,D]."""
     if q.shape[1] % k.shape[1]:
         raise ValueError(f"query heads {q.shape[1]} not a multiple of key/value heads {k.shape[1]}")
-    if _backend == "triton" and mask is None:
+    if _backend == "triton" and mask is None and (q.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"):
         from kernels.attention import flash_attention
 
         return flash_attention(q, k, v, causal=causal, scale=scale)

@@ -1,11 +1,23 @@
 """kernels/logprob.py: fused vocabulary-chunked token log-probs (values and grads) vs float64 log_softmax + gather.
-Without CUDA the kernel module switches Triton to its interpreter and the kernels run on CPU tensors.
+Without CUDA the kernels run on CPU tensors under Triton's interpreter, which TRITON_INTERPRET=1 must select before
+triton is first imported: set here when this module is the first importer, else it must come from the environment
+(another test module's imports, e.g. diffusers, may load triton first).
 """
+import os
+import sys
+
 import pytest
 import torch
 
-import kernels.logprob as logprob
-from kernels.logprob import token_logprobs, token_logprobs_reference
+if not torch.cuda.is_available() and "triton" not in sys.modules:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import kernels.logprob as logprob  # noqa: E402
+from kernels.logprob import token_logprobs, token_logprobs_reference  # noqa: E402
+
+if not torch.cuda.is_available() and not logprob._INTERPRET:
+    pytest.skip("no CUDA and triton was imported without TRITON_INTERPRET=1: set it in the environment",
+                allow_module_level=True)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 N, V, D = 37, 1003, 48
