@@ -16,6 +16,8 @@ random so the whole loop runs on a CPU in seconds.
 from __future__ import annotations
 
 import os
+import copy
+import dataclasses
 from dataclasses import dataclass
 
 import torch
@@ -65,12 +67,22 @@ class UAE(nn.Module):
         return self.connector.pooled.device
 
     # ------------------------------------------------------------------------------------------- understanding
+    def _caption_processor(self) -> Qwen25VLProcessor:
+        """The processor with max_pixels capped at `settings.caption_max_pixels` (released: 65536), so smart_resize
+        does the downscaling exactly as the release's processor config does."""
+        cfg = self.processor.image_config
+        cap = min(cfg.max_pixels, self.settings.caption_max_pixels)
+        if cap == cfg.max_pixels:
+            return self.processor
+        processor = copy.copy(self.processor)
+        processor.image_config = dataclasses.replace(cfg, max_pixels=cap, min_pixels=min(cfg.min_pixels, cap))
+        return processor
+
     def caption_inputs(self, images: list[Image.Image], prompt: str = CAPTION_PROMPT) -> dict[str, torch.Tensor]:
         """Processor inputs for captioning `images` (one image per prompt, left-padded batch)."""
         messages = [{"role": "user", "content": [{"type": "text", "text": prompt}, {"type": "image"}]}]
         text = self.processor.apply_chat_template(messages, add_generation_prompt=True)
-        images = [_cap_pixels(im, self.settings.caption_max_pixels) for im in images]
-        inputs = self.processor(text=[text] * len(images), images=images)
+        inputs = self._caption_processor()(text=[text] * len(images), images=list(images))
         return {k: v.to(self.device) for k, v in inputs.items()}
 
     @torch.no_grad()
@@ -119,7 +131,7 @@ class UAE(nn.Module):
         return self.encode_text(list(prompts)), None
 
     def pooled(self, batch: int) -> torch.Tensor:
-        return self.connector.pooled.to(self.dit_dtype).expand(batch, -1)
+        return self.connector.pooled_batch(batch).to(self.dit_dtype)
 
     @property
     def dit_dtype(self) -> torch.dtype:
@@ -226,16 +238,6 @@ class UAE(nn.Module):
         parts = uae_release.resolve_parts(release, lvlm=lvlm, dit=dit, sd3=sd3, connector=connector,
                                           llm_lora=llm_lora, dit_lora=dit_lora, pooled=pooled)
         return uae_release.load(cls, parts, dtype=dtype, device=device, settings=settings)
-
-
-def _cap_pixels(image: Image.Image, max_pixels: int) -> Image.Image:
-    """Downscale (keeping the aspect ratio) so the image has at most `max_pixels` pixels (released: 65536)."""
-    image = image.convert("RGB")
-    w, h = image.size
-    if w * h <= max_pixels:
-        return image
-    scale = (max_pixels / (w * h)) ** 0.5
-    return image.resize((max(1, int(w * scale)), max(1, int(h * scale))), Image.BICUBIC)
 
 
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:

@@ -246,3 +246,14 @@ def test_release_with_a_part_missing(release, tmp_path):
     # Plain parts: Qwen folder + SD3 folder (+ dit) without adapters load too.
     uae = UAE.from_pretrained(lvlm=root / "llm_model", sd3=root / "SD3", dit=root / "dit", dtype=torch.float32)
     assert not lora_layers(uae.lvlm) and not lora_layers(uae.dit)
+
+
+def test_caption_inputs_cap_pixels_through_smart_resize(tiny):
+    from model.qwen2_5_vl_processor import smart_resize
+
+    cfg = tiny.processor.image_config
+    inputs = tiny.caption_inputs([Image.new("RGB", (300, 200), (1, 2, 3))])
+    _, h, w = inputs["image_grid_thw"][0].tolist()
+    want_h, want_w = smart_resize(200, 300, 28, cfg.min_pixels, tiny.settings.caption_max_pixels)
+    assert (h * 14, w * 14) == (want_h, want_w) and want_h * want_w <= tiny.settings.caption_max_pixels
+    assert tiny.processor.image_config.max_pixels == cfg.max_pixels, "the shared processor is left untouched"
