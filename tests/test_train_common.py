@@ -75,3 +75,25 @@ def test_checkpoint_atomic_latest_and_option_check(tmp_path, monkeypatch):
         save_checkpoint(tmp_path, 2, {"options": {}}, write_extra=crash)
     assert latest_checkpoint(tmp_path).name == "step_00000001"
     assert not (tmp_path / "step_00000002").exists()
+
+
+def test_metrics_logger_resume_drops_rows_after_the_checkpoint(tmp_path):
+    path = tmp_path / "m.jsonl"
+    log = MetricsLogger(path, total_steps=4)
+    for step in (1, 2, 3):  # the run logged step 3, then died before checkpointing it
+        log.log(step, {"loss": float(step)})
+    log.close()
+    log = MetricsLogger(path, total_steps=4, resume=True, start_step=2)
+    log.log(3, {"loss": 30.0})
+    log.close()
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert [(r["step"], r["loss"]) for r in rows] == [(1, 1.0), (2, 2.0), (3, 30.0)]
+
+
+def test_reduce_stats_mean_min_max():
+    from train.common import reduce_stats
+
+    got = reduce_stats([{"loss": torch.tensor(1.0), "ratio_min": 0.9, "ratio_max": 1.1},
+                        {"loss": 3.0, "ratio_min": 0.8, "ratio_max": 1.05}])
+    assert got == {"loss": 2.0, "ratio_min": 0.8, "ratio_max": 1.1}
+    assert reduce_stats([]) == {}

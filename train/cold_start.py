@@ -33,8 +33,9 @@ from model.flow import euler_step, flow_sigmas
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.uae import NEGATIVE_PROMPT
 from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_reward, build_uae,
-                          close_distributed, init_distributed, latest_checkpoint, load_checkpoint_state, option,
-                          parse_dtype, parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+                          close_distributed, global_max, init_distributed, latest_checkpoint, load_checkpoint_state,
+                          option, parse_dtype, parse_options, reduce_stats, rng_state, save_checkpoint, set_rng_state,
+                          split_for_rank)
 from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 from train.grpo_encoder import LLM_LORA_TARGETS
@@ -120,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = state["step"]
         if d.is_main:
             print(f"resumed from {folder} at step {start}", flush=True)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
+                        start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
     metrics: dict = {}
@@ -136,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
         kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
         outs = [uae.caption([im], temperature=o.caption_temperature, generator=torch.Generator().manual_seed(s),
                             return_output=True, **kw)[2] for im, s in zip(mine_images, seeds)]
-        n_max = max(out.new_tokens.shape[1] for out in outs)
+        n_max = global_max(max(out.new_tokens.shape[1] for out in outs))  # the global batch's padding
         pad = uae.processor.pad_token_id
         tokens = torch.cat([torch.nn.functional.pad(out.new_tokens, (0, n_max - out.new_tokens.shape[1]), value=pad)
                             for out in outs])
@@ -158,12 +160,13 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        if guard.bad(step, loss=loss.detach(), grad_norm=grad_norm):
+        step_stats = reduce_stats([{"loss": loss.detach(), "similarity": similarity.detach().mean(),
+                                    "caption_len": masks.sum(1).float().mean()}])  # global means
+        if guard.bad(step, loss=step_stats["loss"], grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {"loss": float(loss), "similarity": float(similarity.mean()), "grad_norm": float(grad_norm),
-                   "caption_len": float(masks.sum(1).float().mean())}
+        metrics = {**step_stats, "grad_norm": float(grad_norm)}
         log.log(step, metrics)
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),

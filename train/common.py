@@ -107,6 +107,58 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
     return t / dist.get_world_size()
 
 
+def global_max(n: int) -> int:
+    """The largest `n` over ranks (identity for one process)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return n
+    t = torch.tensor([n], dtype=torch.int64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t)
+
+
+def encode_text(uae, texts: list[str]) -> torch.Tensor:
+    """`uae.encode_text` with the padding length of the global batch: the DiT has no text mask (the released
+    convention), so the pad tokens a row is padded with change its image; padding every rank to the longest text of
+    all ranks keeps N processes equal to one process with the same global batch."""
+    ids, mask = uae.generate_ids(texts)
+    extra = global_max(ids.shape[1]) - ids.shape[1]
+    if extra:
+        ids = torch.nn.functional.pad(ids, (0, extra), value=uae.processor.pad_token_id)
+        mask = torch.nn.functional.pad(mask, (0, extra), value=0)
+    hidden = uae.lvlm.forward_hidden(ids, attention_mask=mask)
+    return uae.connector(hidden.to(uae.connector.fc1.weight.dtype))
+
+
+def condition(uae, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`uae.condition` (negative prompt padded together with the positives) with the global batch's padding."""
+    from model.uae import NEGATIVE_PROMPT
+
+    if guidance_scale > 1.0:
+        ctx = encode_text(uae, [NEGATIVE_PROMPT] + list(prompts))
+        return ctx[1:], ctx[:1].expand(len(prompts), -1, -1)
+    return encode_text(uae, list(prompts)), None
+
+
+def reduce_stats(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
+    """Combine per-step statistics (one dict per micro-step, same keys) over the rows and over ranks: keys ending in
+    `_min` take the minimum, `_max` the maximum, everything else the mean (each rank holds an equal share). Every rank
+    gets the same numbers, so skip decisions agree and rank 0 logs what one process would."""
+    if not rows:
+        return {}
+    names = list(rows[0])
+    table = torch.tensor([[float(r[k]) for k in names] for r in rows], dtype=torch.float64)
+    mins = torch.tensor([n.endswith("_min") for n in names])
+    maxs = torch.tensor([n.endswith("_max") for n in names])
+    mean, low, high = table.mean(0), table.amin(0), table.amax(0)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(mean)
+        mean /= dist.get_world_size()
+        dist.all_reduce(low, op=dist.ReduceOp.MIN)
+        dist.all_reduce(high, op=dist.ReduceOp.MAX)
+    out = torch.where(mins, low, torch.where(maxs, high, mean))
+    return dict(zip(names, out.tolist()))
+
+
 def average_gradients(params: list[torch.nn.Parameter]) -> None:
     """Average the gradients of the trained parameters over ranks (what DDP does for adapter training, written out so
     that one and several processes run the same code path and give the same result)."""
@@ -154,12 +206,22 @@ def parse_dtype(name: str) -> torch.dtype:
 class MetricsLogger:
     """One line per step to stdout (rank 0) and one JSON object per step to `path` (rank 0), with s/step and ETA."""
 
-    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, resume: bool = False):
+    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, resume: bool = False,
+                 start_step: int = 0):
+        """resume: append to an existing file, first dropping rows logged after `start_step` (the checkpoint the
+        run resumes from), so that a resumed run's file equals an uninterrupted run's."""
         self.total = total_steps
         self.is_main = is_main
         self.file = None
         if is_main and path is not None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            path = Path(path)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            if resume and path.exists():
+                kept = [line for line in path.read_text().splitlines()
+                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
+                tmp.write_text("".join(line + "\n" for line in kept))
+                os.replace(tmp, path)
             self.file = open(path, "a" if resume else "w")
         self.last = time.perf_counter()
 

@@ -35,9 +35,10 @@ import torch
 from model.flow import flow_sigmas, sde_step_with_logprob
 from model.lora import apply_lora, lora_disabled, lora_parameters, save_lora, load_lora
 from model.uae import UAE
-from train.common import (MetricsLogger, build_reward, build_uae, NonFiniteGuard, all_gather_cat, average_gradients, close_distributed,
-                          init_distributed, latest_checkpoint, load_checkpoint_state, option, parse_dtype,
-                          parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+from train.common import (MetricsLogger, NonFiniteGuard, all_gather_cat, average_gradients, reduce_stats,
+                          build_reward, build_uae, close_distributed, condition, init_distributed, latest_checkpoint,
+                          load_checkpoint_state, option, parse_dtype, parse_options, rng_state, save_checkpoint,
+                          set_rng_state, split_for_rank)
 from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import EMA, flow_grpo_loss, group_advantages
 
@@ -140,7 +141,8 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     ema = EMA(params, decay=o.ema_decay) if o.ema_decay > 0 else None
 
-    dataset = ImageCaptionDataset(o.data, need_caption=False) if o.data else ProceduralDataset(o.procedural_images, o.size, o.seed)
+    dataset = (ImageCaptionDataset(o.data, need_caption=False) if o.data
+               else ProceduralDataset(o.procedural_images, o.size, o.seed))
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
     if o.resume and (folder := latest_checkpoint(o.out)) is not None:
@@ -154,7 +156,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = state["step"]
         if d.is_main:
             print(f"resumed from {folder} at step {start}", flush=True)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
+                        start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
     latent_shape = uae.latent_shape(1, o.size, o.size)[1:]
@@ -181,7 +184,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 2. Rollouts with the current policy (adapters on), all SDE steps recorded.
         with torch.no_grad():
-            context, negative = uae.condition(prompts, o.guidance_scale)
+            context, negative = condition(uae, prompts, o.guidance_scale)  # padded like the global batch
         latents, old_logp = rollout(uae, o, context, negative, noise, step_noise, sigmas, sde_steps, o.guidance_scale)
 
         # 3. Reward: reconstruction similarity to the source image.
@@ -208,27 +211,35 @@ def main(argv: list[str] | None = None) -> dict:
                                                           prev_sample=x_next)
             loss, st = flow_grpo_loss(logp, old_logp[:, j], advantages, mean, mean_ref, std, o.clip_eps, o.beta)
             (loss / len(sde_steps)).backward()
-            stats.append({k: float(v) for k, v in st.items()} | {"loss": float(loss.detach())})
+            stats.append({k: v.detach().float() for k, v in st.items()} | {"loss": loss.detach().float()})
         average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        loss_value = sum(s["loss"] for s in stats) / len(stats)
-        if guard.bad(step, loss=loss_value, reward=all_rewards, grad_norm=grad_norm):
+        # Step statistics over the trained steps and the ranks: every rank takes the same skip decision.
+        step_stats = reduce_stats(stats)
+        if guard.bad(step, loss=step_stats["loss"], reward=all_rewards, grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
             if ema is not None:
                 ema.update()
 
-        metrics = {"loss": loss_value, "reward_mean": float(all_rewards.mean()),
+        metrics = {"loss": step_stats.pop("loss"), "reward_mean": float(all_rewards.mean()),
                    "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
-                   **{k: sum(s[k] for s in stats) / len(stats) for k in stats[0] if k != "loss"}}
+                   **step_stats}
         log.log(step, metrics)
 
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
                      "sampler": asdict(sampler.state), "rng": rng_state()}
+
+            def write(folder):
+                save_lora(uae.dit, folder / "adapter")
+                if ema is not None:  # the EMA of the adapters, what evaluation loads (Flow-GRPO evaluates the EMA)
+                    with ema.swap():
+                        save_lora(uae.dit, folder / "ema_adapter")
+
             if d.is_main:
-                save_checkpoint(o.out, step, state, write_extra=lambda f: save_lora(uae.dit, f / "adapter"))
+                save_checkpoint(o.out, step, state, write_extra=write)
     log.close()
     close_distributed()
     return metrics

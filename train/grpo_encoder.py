@@ -34,7 +34,8 @@ import torch
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
 from train.common import (MetricsLogger, NonFiniteGuard, all_gather_cat, average_gradients, build_reward, build_uae,
                           close_distributed, init_distributed, latest_checkpoint, load_checkpoint_state, option,
-                          parse_dtype, parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+                          parse_dtype, parse_options, reduce_stats, rng_state, save_checkpoint, set_rng_state,
+                          split_for_rank)
 from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import grpo_loss, group_advantages
 
@@ -123,7 +124,8 @@ def main(argv: list[str] | None = None) -> dict:
         start = state["step"]
         if d.is_main:
             print(f"resumed from {folder} at step {start}", flush=True)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
+                        start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
 
@@ -172,15 +174,16 @@ def main(argv: list[str] | None = None) -> dict:
         loss.backward()
         average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        if guard.bad(step, loss=loss.detach(), reward=all_rewards, grad_norm=grad_norm):
+        step_stats = reduce_stats([{"loss": loss.detach(), **st}])  # over ranks: every rank skips alike
+        if guard.bad(step, loss=step_stats["loss"], reward=all_rewards, grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
 
         lengths = all_gather_cat(masks.sum(1).float())
-        metrics = {"loss": float(loss), "reward_mean": float(all_rewards.mean()),
+        metrics = {"loss": step_stats.pop("loss"), "reward_mean": float(all_rewards.mean()),
                    "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
-                   "caption_len": float(lengths.mean()), **{k: float(v) for k, v in st.items()}}
+                   "caption_len": float(lengths.mean()), **step_stats}
         log.log(step, metrics)
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),

@@ -30,11 +30,12 @@ if __package__ in (None, ""):  # `torchrun train/sft_decoder.py` runs the file a
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
-from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_uae, close_distributed,
+from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_uae, close_distributed, encode_text,
                           init_distributed, latest_checkpoint, load_checkpoint_state, option, parse_dtype,
-                          parse_options, rng_state, save_checkpoint, set_rng_state, split_for_rank)
+                          parse_options, reduce_stats, rng_state, save_checkpoint, set_rng_state, split_for_rank)
 from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 from weights import load_module, save_safetensors
@@ -97,6 +98,9 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = parse_dtype(o.dtype)
     mine = split_for_rank(o.batch_size, d, "batch_size")
 
+    if o.fsdp and o.lora_rank > 0:
+        raise ValueError("--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
+
     uae = build_uae(o.uae, o.seed, dtype, d.device)
     if o.lora_rank > 0:
         apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
@@ -111,15 +115,19 @@ def main(argv: list[str] | None = None) -> dict:
         for p in params:
             p.data = p.data.float()
     uae.dit.gradient_checkpointing = o.grad_checkpointing
+    # What full-parameter training trains, under one module so FSDP2 state dicts get stable names.
+    trained = torch.nn.ModuleDict({"dit": uae.dit, **({"connector": uae.connector} if o.train_connector else {})})
     if o.fsdp:
-        if o.lora_rank > 0:
-            raise ValueError("--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
+        from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
+        mesh = init_device_mesh(d.device.type, (d.world,))
         for block in uae.dit.transformer_blocks:
-            fully_shard(block)
-        fully_shard(uae.dit)
-        params = [p for p in uae.dit.parameters()] + (list(uae.connector.parameters()) if o.train_connector else [])
+            fully_shard(block, mesh=mesh)
+        fully_shard(uae.dit, mesh=mesh)
+        if o.train_connector:  # sharded too, so FSDP reduces its gradients and every parameter is a DTensor
+            fully_shard(uae.connector, mesh=mesh)
+        params = list(trained.parameters())
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     dataset = ImageCaptionDataset(o.data) if o.data else ProceduralDataset(1000, o.size, o.seed)
@@ -127,19 +135,24 @@ def main(argv: list[str] | None = None) -> dict:
     start = 0
     if o.resume and (folder := latest_checkpoint(o.out)) is not None:
         state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
-        if o.lora_rank > 0:
-            load_lora(uae.dit, folder / "adapter")
+        if o.fsdp:  # full (unsharded) state dicts, resharded onto this run's ranks
+            set_state_dict(trained, opt, model_state_dict=state["trained"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(full_state_dict=True))
         else:
-            uae.dit.load_state_dict(state["dit"])
-        if o.train_connector:
-            uae.connector.load_state_dict(state["connector"])
-        opt.load_state_dict(state["optimizer"])
+            if o.lora_rank > 0:
+                load_lora(uae.dit, folder / "adapter")
+            else:
+                uae.dit.load_state_dict(state["dit"])
+            if o.train_connector:
+                uae.connector.load_state_dict(state["connector"])
+            opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         set_rng_state(state["rng"])
         start = state["step"]
         if d.is_main:
             print(f"resumed from {folder} at step {start}", flush=True)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
+                        start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
 
@@ -157,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
         s = sigmas.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
-        context = uae.encode_text(captions)
+        context = encode_text(uae, captions)  # padded like the global batch
         pooled = uae.pooled(len(images))
         opt.zero_grad(set_to_none=True)
         pred = uae.dit(x_t.to(dtype), sigmas * 1000, context.to(dtype), pooled).float()
@@ -167,16 +180,25 @@ def main(argv: list[str] | None = None) -> dict:
         if not o.fsdp:  # FSDP2 reduce-scatters gradients itself
             average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        if guard.bad(step, loss=loss.detach(), grad_norm=grad_norm):
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
+            grad_norm = grad_norm.full_tensor()
+        step_stats = reduce_stats([{"loss": loss.detach(), "sigma_mean": sigmas.mean()}])  # global means
+        if guard.bad(step, loss=step_stats["loss"], grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {"loss": float(loss), "sigma_mean": float(sigmas.mean()), "grad_norm": float(grad_norm)}
+        metrics = {**step_stats, "grad_norm": float(grad_norm)}
         log.log(step, metrics)
         if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
-                     "rng": rng_state(), "connector": uae.connector.state_dict() if o.train_connector else None,
-                     "dit": None if o.lora_rank > 0 else uae.dit.state_dict()}
+            state = {"options": asdict(o), "sampler": asdict(sampler.state), "rng": rng_state()}
+            if o.fsdp:  # gathering the full state dicts is a collective: every rank takes part, rank 0 writes
+                model_sd, optim_sd = get_state_dict(trained, opt, options=StateDictOptions(full_state_dict=True,
+                                                                                           cpu_offload=True))
+                state |= {"trained": model_sd, "optimizer": optim_sd}
+            else:
+                state |= {"optimizer": opt.state_dict(),
+                          "connector": uae.connector.state_dict() if o.train_connector else None,
+                          "dit": None if o.lora_rank > 0 else uae.dit.state_dict()}
             if d.is_main:
                 save_checkpoint(o.out, step, state,
                                 write_extra=(lambda f: save_lora(uae.dit, f / "adapter")) if o.lora_rank > 0 else None)

@@ -1,0 +1,225 @@
+"""train/grpo_decoder.py (Flow-GRPO on the decoder): shortened tiny runs, in-process, and one 2-process torchrun run.
+
+Invariants: ratio == 1 and zero KL before the first update; noise level 0 makes the rollout the Euler ODE trajectory;
+the adapters-off reference is the frozen base; metrics.jsonl fields; --help; resume == uninterrupted run; a checkpoint
+of other options is refused; a save killed part-way never leaves a checkpoint that loads wrong; 2 processes == 1.
+"""
+import json
+import os
+import re
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.grpo_decoder as gd
+from model.flow import flow_sigmas, sample_ode
+from model.lora import apply_lora, load_lora, lora_disabled, lora_layers
+from model.uae import UAE
+from train.common import Dist
+from weights import open_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+# Small and fast: 1 image x G 4, 4 denoising steps (3 trained), tiny LoRA.
+FAST = ["--images-per-step", "1", "--group-size", "4", "--sample-steps", "4", "--procedural-images", "2",
+        "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)  # the tiny runs are faster single-threaded, and other processes share the CPU
+    yield
+    torch.set_num_threads(before)
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
+    return {k: f[k] for k in f}
+
+
+def last_ckpt(out) -> Path:
+    return Path(out) / (Path(out) / "latest").read_text().strip()
+
+
+def without_time(rs):
+    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
+
+
+def test_help_lists_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        gd.main(["--help"])
+    assert e.value.code == 0
+    text = capsys.readouterr().out
+    for flag, default in [("--group-size", "8"), ("--noise-level", "0.7"), ("--beta", "0.04"),
+                          ("--clip-eps", "0.0001"), ("--ema-decay", "0.95"), ("--resume", "False")]:
+        entry = re.split(r"\n  " + flag + r"[ ,]", text, maxsplit=1)[1].split("\n  --", 1)[0]  # its help entry
+        assert f"(default: {default})" in " ".join(entry.split()), (flag, entry)
+    assert "--sde-window" in text and "--lora-targets" in text
+
+
+def test_first_step_invariants_and_metrics_fields(tmp_path):
+    out = tmp_path / "run"
+    gd.main(FAST + ["--steps", "2", "--out", str(out)])
+    r = rows(out)
+    assert [x["step"] for x in r] == [1, 2]
+    for key in ("loss", "reward_mean", "reward_std", "kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max",
+                "grad_norm", "s_per_step", "policy_loss", "approx_kl"):
+        assert key in r[0], key
+    # Before the first update the policy is the sampling policy and the adapters (B = 0) change nothing.
+    assert r[0]["ratio_min"] == pytest.approx(1.0, abs=1e-6) and r[0]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert r[0]["clip_frac"] == 0.0 and r[0]["kl"] == 0.0
+    # One optimizer step later the adapters moved: nonzero KL to the reference.
+    assert r[1]["kl"] > 0
+    assert 0 < r[0]["reward_mean"] <= 1 and r[0]["reward_std"] > 0
+    ck = last_ckpt(out)
+    assert ck.name == "step_00000002" and (ck / "adapter").is_dir() and (ck / "ema_adapter").is_dir()
+    # The EMA adapter is a real average: neither the trained adapter nor the initial one.
+    a, e = adapter(ck / "adapter"), adapter(ck / "ema_adapter")
+    assert a.keys() == e.keys()
+    b_keys = [k for k in a if "lora_B" in k]
+    assert any(not torch.equal(a[k], e[k]) for k in b_keys) and any(e[k].abs().max() > 0 for k in b_keys)
+
+
+def test_trained_steps_window():
+    o = gd.Options(sample_steps=10)
+    assert gd.trained_steps(o) == list(range(9))
+    assert gd.trained_steps(replace(o, sde_window="2:5")) == [2, 3, 4]
+    for bad in ("5:2", "0:10", "x", "3"):
+        with pytest.raises(ValueError, match="sde-window"):
+            gd.trained_steps(replace(o, sde_window=bad))
+
+
+def tiny_setup(lora=True):
+    uae = UAE.tiny(0).requires_grad_(False)
+    if lora:
+        apply_lora(uae.dit, gd.DIT_LORA_TARGETS.split(","), rank=4, alpha=8.0, init="gaussian")
+        with torch.no_grad():  # non-zero adapters: the policy differs from the base
+            for m in lora_layers(uae.dit).values():
+                m.B.weight.normal_(0, 0.05)
+    context, negative = uae.condition(["a red circle", "a blue square"], 4.5)
+    return uae, context, negative
+
+
+def test_noise_level_zero_rollout_is_the_ode_trajectory():
+    uae, context, negative = tiny_setup()
+    o = gd.Options(sample_steps=5, noise_level=0.0)
+    sigmas = flow_sigmas(5, shift=uae.settings.shift)
+    g = torch.Generator().manual_seed(0)
+    noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=g)
+    step_noise = torch.randn(2, 5, *noise.shape[1:], generator=g)
+    latents, logps = gd.rollout(uae, o, context, negative, noise, step_noise, sigmas, gd.trained_steps(o), 4.5)
+    with torch.no_grad():
+        ode = sample_ode(uae.velocity_fn(context, negative, 4.5), noise, sigmas)
+    torch.testing.assert_close(latents[:, -1], ode, rtol=1e-5, atol=1e-5)
+    # With the default noise level the same draws give a different (stochastic) endpoint.
+    sde, _ = gd.rollout(uae, replace(o, noise_level=0.7), context, negative, noise, step_noise, sigmas,
+                        gd.trained_steps(o), 4.5)
+    assert (sde[:, -1] - ode).abs().max() > 1e-2
+    assert latents.shape[1] == 6 and logps.shape == (2, 5) and torch.all(logps[:, -1] == 0)
+
+
+def test_adapters_off_reference_equals_frozen_base(tmp_path):
+    # Train for real, then load the saved adapter into a fresh tiny UAE: adapters off must be the untouched base.
+    out = tmp_path / "run"
+    gd.main(FAST + ["--steps", "2", "--out", str(out)])
+    base, context, negative = tiny_setup(lora=False)
+    trained = UAE.tiny(0).requires_grad_(False)
+    load_lora(trained.dit, last_ckpt(out) / "adapter")
+    x = torch.randn(2, *trained.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(1))
+    t = torch.full((2,), 700.0)
+    with torch.no_grad():
+        v_base = base.velocity_fn(context, negative, 4.5)(x, t)
+        v_on = trained.velocity_fn(context, negative, 4.5)(x, t)
+        with lora_disabled(trained.dit):
+            v_off = trained.velocity_fn(context, negative, 4.5)(x, t)
+    assert torch.equal(v_off, v_base)
+    assert (v_on - v_base).abs().max() > 1e-6  # the trained adapters do change the policy
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = FAST + ["--save-every", "1"]
+    gd.main(common + ["--steps", "3", "--out", str(full)])
+    gd.main(common + ["--steps", "1", "--out", str(part)])
+    gd.main(common + ["--steps", "3", "--out", str(part), "--resume"])
+    assert without_time(rows(part)) == without_time(rows(full))
+    for name in ("adapter", "ema_adapter"):
+        a, b = adapter(last_ckpt(full) / name), adapter(last_ckpt(part) / name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    sa = torch.load(last_ckpt(full) / "state.pt", weights_only=True)
+    sb = torch.load(last_ckpt(part) / "state.pt", weights_only=True)
+    assert sa["sampler"] == sb["sampler"] and sa["step"] == sb["step"] == 3
+    for x, y in zip(sa["ema"]["shadow"], sb["ema"]["shadow"]):
+        assert torch.equal(x, y)
+
+    # A checkpoint written with other options is refused, and nothing is overwritten.
+    with pytest.raises(ValueError, match="group_size"):
+        gd.main(common[:2] + ["--group-size", "2"] + common[4:] + ["--steps", "4", "--out", str(part), "--resume"])
+    assert last_ckpt(part).name == "step_00000003"
+
+
+def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    args = FAST + ["--save-every", "1", "--out", str(out)]
+    real = gd.save_lora
+    calls = {"n": 0}
+
+    def dies_on_second_checkpoint(module, folder, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # checkpoint 2: its adapter is written, then the process dies mid-save
+            real(module, folder, *a, **k)
+            raise KeyboardInterrupt
+        return real(module, folder, *a, **k)
+
+    monkeypatch.setattr(gd, "save_lora", dies_on_second_checkpoint)
+    with pytest.raises(KeyboardInterrupt):
+        gd.main(args + ["--steps", "3"])
+    monkeypatch.setattr(gd, "save_lora", real)
+    assert last_ckpt(out).name == "step_00000001"
+    assert not (out / "step_00000002").exists()
+    # Resuming from it continues exactly like a run that was never interrupted.
+    gd.main(args + ["--steps", "3", "--resume"])
+    ref = tmp_path / "ref"
+    gd.main(FAST + ["--save-every", "1", "--out", str(ref), "--steps", "3"])
+    assert without_time(rows(out)) == without_time(rows(ref))
+    a, b = adapter(last_ckpt(out) / "adapter"), adapter(last_ckpt(ref) / "adapter")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_group_that_does_not_divide_across_ranks_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(gd, "init_distributed", lambda device: Dist(0, 2, 0, torch.device("cpu")))
+    monkeypatch.setattr(gd, "build_uae", lambda *a: pytest.fail("must fail before building models"))
+    with pytest.raises(ValueError, match="images_per_step \\* group_size=3 does not divide across 2 ranks"):
+        gd.main(FAST[:2] + ["--group-size", "3"] + FAST[4:] + ["--steps", "1", "--out", str(tmp_path)])
+
+
+def test_two_processes_equal_one(tmp_path):
+    # lr 1e-3: Adam's first steps are ~lr * g / (|g| + eps), so entries whose gradient is near eps turn fp32
+    # reduction-order differences (batch 2 vs 4, per-rank sums) into differences proportional to lr.
+    # 3 images x G 2 over 2 ranks: a group straddles the ranks, and ranks hold captions of different lengths
+    # (padding must follow the global batch: the DiT has no text mask).
+    args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3", "--images-per-step", "3", "--group-size", "2",
+                   "--procedural-images", "3"]
+    gd.main(args + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train" / "grpo_decoder.py"), *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    assert any(a[k].abs().max() > 0 for k in a if "lora_B" in k)  # the adapters did train
+    r1, r2 = rows(tmp_path / "one"), rows(tmp_path / "two")
+    for x, y in zip(r1, r2):
+        for k in ("reward_mean", "reward_std", "loss", "kl", "ratio_min", "ratio_max", "grad_norm"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k

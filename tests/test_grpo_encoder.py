@@ -1,0 +1,134 @@
+"""train/grpo_encoder.py (GRPO on the captioner): shortened tiny runs, in-process, and one 2-process torchrun run.
+
+Invariants: ratio == 1 and zero KL before the first update; the adapters-off reference is the frozen base; metrics
+fields incl. caption length; --help; resume == uninterrupted run; a checkpoint of other options is refused; 2 == 1.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.grpo_encoder as ge
+from model.lora import load_lora, lora_disabled
+from model.uae import UAE
+from train.common import Dist
+from train.data import procedural_scene
+from weights import open_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--images-per-step", "1", "--group-size", "4", "--max-new-tokens", "8", "--gen-steps", "2",
+        "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
+    return {k: f[k] for k in f}
+
+
+def last_ckpt(out) -> Path:
+    return Path(out) / (Path(out) / "latest").read_text().strip()
+
+
+def without_time(rs):
+    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
+
+
+def test_help_lists_options_with_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        ge.main(["--help"])
+    assert e.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())
+    for piece in ("--group-size GROUP_SIZE captions per image (G) (default: 8)", "(default: sequence_mean)",
+                  "--clip-eps CLIP_EPS ratio clip range (default: 0.2)", "--resume, --no-resume"):
+        assert piece in text, piece
+
+
+def test_bad_loss_norm_is_refused():
+    with pytest.raises(ValueError, match="loss-norm"):
+        ge.main(["--loss-norm", "sum"])
+
+
+def test_first_step_invariants_and_metrics_fields(tmp_path):
+    out = tmp_path / "run"
+    ge.main(FAST + ["--steps", "2", "--out", str(out)])
+    r = rows(out)
+    for key in ("loss", "reward_mean", "reward_std", "kl", "clip_frac", "ratio_mean", "ratio_min", "ratio_max",
+                "caption_len", "grad_norm", "s_per_step"):
+        assert key in r[0], key
+    assert r[0]["ratio_min"] == pytest.approx(1.0, abs=1e-6) and r[0]["ratio_max"] == pytest.approx(1.0, abs=1e-6)
+    assert r[0]["clip_frac"] == 0.0 and r[0]["kl"] == 0.0
+    assert r[1]["kl"] > 0  # the adapters moved after one update
+    assert 1 <= r[0]["caption_len"] <= 8
+    assert r[0]["grad_norm"] > 0
+
+
+def test_adapters_off_reference_equals_frozen_base(tmp_path):
+    out = tmp_path / "run"
+    ge.main(FAST + ["--steps", "1", "--out", str(out)])
+    base = UAE.tiny(0).requires_grad_(False)
+    trained = UAE.tiny(0).requires_grad_(False)
+    load_lora(trained.lvlm, last_ckpt(out) / "adapter")
+    image, caption = procedural_scene(3)
+    inputs = base.caption_inputs([image])
+    tokens = torch.tensor([base.processor.encode(caption)[:6]])
+    mask = torch.ones_like(tokens, dtype=torch.bool)
+    with torch.no_grad():
+        lp_base = ge.caption_logprobs(base, inputs, tokens, mask, 1.0)
+        lp_on = ge.caption_logprobs(trained, inputs, tokens, mask, 1.0)
+        with lora_disabled(trained.lvlm):
+            lp_off = ge.caption_logprobs(trained, inputs, tokens, mask, 1.0)
+    assert torch.equal(lp_off, lp_base)
+    assert (lp_on - lp_base).abs().max() > 1e-6
+
+
+def test_resume_matches_uninterrupted_run(tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = FAST + ["--save-every", "1"]
+    ge.main(common + ["--steps", "3", "--out", str(full)])
+    ge.main(common + ["--steps", "1", "--out", str(part)])
+    ge.main(common + ["--steps", "3", "--out", str(part), "--resume"])
+    assert without_time(rows(part)) == without_time(rows(full))
+    a, b = adapter(last_ckpt(full) / "adapter"), adapter(last_ckpt(part) / "adapter")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="lora_rank"):
+        ge.main(FAST[:-6] + ["--lora-rank", "8", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu",
+                             "--steps", "4", "--out", str(part), "--resume"])
+
+
+def test_group_that_does_not_divide_across_ranks_is_a_clear_error(tmp_path, monkeypatch):
+    monkeypatch.setattr(ge, "init_distributed", lambda device: Dist(0, 2, 0, torch.device("cpu")))
+    monkeypatch.setattr(ge, "build_uae", lambda *a: pytest.fail("must fail before building models"))
+    with pytest.raises(ValueError, match="does not divide across 2 ranks"):
+        ge.main(["--images-per-step", "1", "--group-size", "3", "--out", str(tmp_path)])
+
+
+def test_two_processes_equal_one(tmp_path):
+    args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3"]
+    ge.main(args + ["--out", str(tmp_path / "one")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train" / "grpo_encoder.py"), *args, "--out", str(tmp_path / "two")]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
+        for k in ("reward_mean", "reward_std", "loss", "kl", "caption_len", "grad_norm"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k

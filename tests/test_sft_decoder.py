@@ -1,0 +1,148 @@
+"""train/sft_decoder.py (stage 0, rectified-flow SFT of the decoder): shortened tiny runs, in-process, and 2-process
+torchrun runs (adapters with gradient all-reduce; full parameters sharded with FSDP2) against one process.
+"""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train.sft_decoder as sd
+from model.lora import load_lora, lora_disabled
+from model.uae import UAE
+from weights import open_checkpoint
+
+ROOT = Path(__file__).resolve().parents[1]
+FAST = ["--batch-size", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--device", "cpu"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def rows(out) -> list[dict]:
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def adapter(folder) -> dict[str, torch.Tensor]:
+    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
+    return {k: f[k] for k in f}
+
+
+def last_ckpt(out) -> Path:
+    return Path(out) / (Path(out) / "latest").read_text().strip()
+
+
+def state(out) -> dict:
+    return torch.load(last_ckpt(out) / "state.pt", weights_only=True)
+
+
+def without_time(rs):
+    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
+
+
+def test_help_and_bad_options(capsys):
+    with pytest.raises(SystemExit):
+        sd.main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "(default: logit_normal)" in text and "--fsdp, --no-fsdp" in text and "(default: 40)" in text
+    with pytest.raises(ValueError, match="weighting"):
+        sd.main(["--weighting", "bogus"])
+    with pytest.raises(ValueError, match="fsdp"):
+        sd.main(["--fsdp", "--lora-rank", "4"])
+
+
+def test_sigma_sampling_and_weights():
+    o = sd.Options()
+    s = sd.sample_sigmas(10_000, o, 3.0, torch.Generator().manual_seed(0))
+    assert 0 < s.min() and s.max() <= 1
+    # logit-normal u (median 0.5) through the shift-3 schedule: median sigma = 3*0.5 / (1 + 2*0.5) = 0.75
+    assert s.median().item() == pytest.approx(0.75, abs=0.02)
+    sig = torch.tensor([0.25, 0.5])
+    torch.testing.assert_close(sd.loss_weight(sig, "sigma_sqrt"), torch.tensor([16.0, 4.0]))
+    torch.testing.assert_close(sd.loss_weight(sig, "cosmap"), 2 / (torch.pi * (1 - 2 * sig + 2 * sig**2)))
+
+
+def test_metrics_adapters_off_and_loss_falls(tmp_path):
+    out = tmp_path / "run"
+    # One repeated pair: the loss on it must fall when the decoder fits it.
+    sd.main(FAST + ["--steps", "12", "--lr", "1e-2", "--batch-size", "1", "--out", str(out)])
+    r = rows(out)
+    assert {"loss", "sigma_mean", "grad_norm", "s_per_step"} <= set(r[0])
+    first, last = sum(x["loss"] for x in r[:4]) / 4, sum(x["loss"] for x in r[-4:]) / 4
+    assert last < 0.9 * first, (first, last)
+    base, trained = UAE.tiny(0), UAE.tiny(0)
+    load_lora(trained.dit, last_ckpt(out) / "adapter")
+    x = torch.randn(1, *base.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ctx = base.encode_text(["a red circle"])
+        t = torch.full((1,), 500.0)
+        v_base = base.velocity_fn(ctx, None, 1.0)(x, t)
+        with lora_disabled(trained.dit):
+            v_off = trained.velocity_fn(ctx, None, 1.0)(x, t)
+        v_on = trained.velocity_fn(ctx, None, 1.0)(x, t)
+    assert torch.equal(v_off, v_base) and (v_on - v_base).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("lora_rank", ["4", "0"])
+def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
+    full, part = tmp_path / "full", tmp_path / "part"
+    common = FAST[:2] + ["--lora-rank", lora_rank] + FAST[4:] + ["--save-every", "1"]
+    sd.main(common + ["--steps", "3", "--out", str(full)])
+    sd.main(common + ["--steps", "1", "--out", str(part)])
+    sd.main(common + ["--steps", "3", "--out", str(part), "--resume"])
+    assert without_time(rows(part)) == without_time(rows(full))
+    sa, sb = state(full), state(part)
+    assert all(torch.equal(sa["connector"][k], sb["connector"][k]) for k in sa["connector"])
+    if lora_rank == "0":
+        assert all(torch.equal(sa["dit"][k], sb["dit"][k]) for k in sa["dit"])
+    else:
+        a, b = adapter(last_ckpt(full) / "adapter"), adapter(last_ckpt(part) / "adapter")
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(ValueError, match="batch_size"):
+        sd.main(common[2:] + ["--batch-size", "4", "--steps", "4", "--out", str(part), "--resume"])
+
+
+def torchrun(script_args, out):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+           str(ROOT / "train" / "sft_decoder.py"), *script_args, "--out", str(out)]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+
+def test_two_processes_equal_one_adapters(tmp_path):
+    args = FAST + ["--steps", "3", "--save-every", "3"]
+    sd.main(args + ["--out", str(tmp_path / "one")])
+    torchrun(args, tmp_path / "two")
+    a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+    ca, cb = state(tmp_path / "one")["connector"], state(tmp_path / "two")["connector"]
+    for k in ca:
+        torch.testing.assert_close(cb[k], ca[k], rtol=1e-5, atol=1e-5)
+    for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["grad_norm"] == pytest.approx(x["grad_norm"], rel=1e-4)
+
+
+def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
+    args = ["--batch-size", "2", "--lora-rank", "0", "--lr", "1e-4", "--device", "cpu", "--save-every", "2"]
+    sd.main(args + ["--steps", "3", "--out", str(tmp_path / "one")])
+    torchrun(args + ["--fsdp", "--steps", "2"], tmp_path / "two")
+    torchrun(args + ["--fsdp", "--steps", "3", "--resume"], tmp_path / "two")
+    one, two = state(tmp_path / "one"), state(tmp_path / "two")
+    assert two["step"] == 3
+    full = {**{"dit." + k: v for k, v in one["dit"].items()},
+            **{"connector." + k: v for k, v in one["connector"].items()}}
+    assert full.keys() == two["trained"].keys()
+    for k in full:
+        torch.testing.assert_close(two["trained"][k], full[k], rtol=1e-5, atol=1e-5)
+    assert rows(tmp_path / "two")[-1]["loss"] == pytest.approx(rows(tmp_path / "one")[-1]["loss"], rel=1e-5)
