@@ -397,7 +397,7 @@ class MMDiT(nn.Module):
     def forward(self, x: torch.Tensor, timestep: torch.Tensor | float, context: torch.Tensor,
                 pooled: torch.Tensor) -> torch.Tensor:
         timestep = self._check_inputs(x, timestep, context, pooled)
-        dtype = self.proj_out.weight.dtype
+        dtype = self.pos_embed.proj.weight.dtype  # a Conv2d: never wrapped by LoRA, unlike the linears
         B, _, H, W = x.shape
         p, h, w = self.config.patch_size, H // self.config.patch_size, W // self.config.patch_size
 
