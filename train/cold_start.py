@@ -32,42 +32,42 @@ import torch
 from model.flow import euler_step, flow_sigmas
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.uae import NEGATIVE_PROMPT
-from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_reward, build_uae,
-                          close_distributed, global_max, init_distributed, latest_checkpoint, load_checkpoint_state,
-                          option, parse_dtype, parse_options, reduce_stats, rng_state, save_checkpoint, set_rng_state,
-                          split_for_rank)
-from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
+from train.common import (
+    MetricsLogger,
+    NonFiniteGuard,
+    RunOptions,
+    average_gradients,
+    build_dataset,
+    build_reward,
+    build_uae,
+    close_distributed,
+    global_max,
+    init_distributed,
+    option,
+    parse_dtype,
+    parse_options,
+    reduce_stats,
+    resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    split_for_rank,
+)
+from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 from train.grpo_encoder import LLM_LORA_TARGETS
 
 
 @dataclass
-class Options:
-    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+class Options(RunOptions):
     clip: str = option("", "CLIP ViT-L/14 folder for the loss; empty = a tiny random CLIP (tiny preset only)")
-    data: str = option("", "folder or JSONL of images; empty = procedurally generated scenes")
     out: str = option("runs/cold_start", "run folder: metrics.jsonl, checkpoints, adapters")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
-    steps: int = option(30, "optimizer steps")
     batch_size: int = option(2, "images per step (global)")
-    size: int = option(64, "reconstruction size in pixels (released: 512)")
     sample_steps: int = option(4, "denoising steps (released: 10)")
     grad_last_k: int = option(0, "backprop through the last K denoising steps only; 0 = all")
     guidance_scale: float = option(5.0, "CFG scale")
     caption_temperature: float = option(0.7, "caption sampling temperature")
     max_new_tokens: int = option(0, "max caption tokens; 0 = the model's default")
     train_connector: bool = option(True, "train the connector's full weights")
-    lr: float = option(1e-4, "AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient norm clip")
-    lora_rank: int = option(32, "LoRA rank of both halves")
-    lora_alpha: float = option(64.0, "LoRA alpha of both halves")
-    dtype: str = option("fp32", "fp32 | bf16 model weights")
-    device: str = option("auto", "auto | cpu | cuda")
-    grad_checkpointing: bool = option(False, "activation checkpointing in the LM layers and DiT blocks")
-    seed: int = option(0, "seed of every random draw")
-    save_every: int = option(10, "checkpoint every N steps (and at the end)")
-    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
 
 
 RESUME_KEYS = ("uae", "data", "batch_size", "size", "sample_steps", "lora_rank", "lora_alpha", "train_connector",
@@ -106,21 +106,18 @@ def main(argv: list[str] | None = None) -> dict:
     uae.lvlm.gradient_checkpointing = uae.dit.gradient_checkpointing = o.grad_checkpointing
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
-    dataset = ImageCaptionDataset(o.data, need_caption=False) if o.data else ProceduralDataset(1000, o.size, o.seed)
+    dataset = build_dataset(o, need_caption=False)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
-        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    if state is not None:
         load_lora(uae.lvlm, folder / "llm_adapter")
         load_lora(uae.dit, folder / "dit_adapter")
         if o.train_connector:
             uae.connector.load_state_dict(state["connector"])
         opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
-        set_rng_state(state["rng"])
         start = state["step"]
-        if d.is_main:
-            print(f"resumed from {folder} at step {start}", flush=True)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
                         start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)

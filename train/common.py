@@ -20,7 +20,6 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-
 # ----------------------------------------------------------------------------------------------- options from argv
 
 def parse_options(cls, argv: list[str] | None = None, description: str | None = None):
@@ -48,6 +47,30 @@ def parse_options(cls, argv: list[str] | None = None, description: str | None = 
 def option(default, help: str):
     """A dataclass field with a help text for `--help`."""
     return dataclasses.field(default=default, metadata={"help": help})
+
+
+@dataclass
+class RunOptions:
+    """Options every training script takes; each script's Options extends this and may change defaults."""
+    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+    data: str = option("", "folder or JSONL of images (with captions where the stage needs them); "
+                           "empty = procedurally generated scenes")
+    procedural_images: int = option(1000, "how many procedural scenes when --data is empty")
+    out: str = option("runs/train", "run folder: metrics.jsonl, checkpoints, adapters")
+    resume: bool = option(False, "continue from the latest checkpoint in --out")
+    steps: int = option(30, "optimizer steps")
+    size: int = option(64, "image size in pixels")
+    lr: float = option(1e-4, "AdamW learning rate")
+    weight_decay: float = option(0.0, "AdamW weight decay")
+    grad_clip: float = option(1.0, "gradient norm clip")
+    lora_rank: int = option(32, "LoRA rank")
+    lora_alpha: float = option(64.0, "LoRA alpha")
+    dtype: str = option("fp32", "fp32 | bf16 model weights")
+    device: str = option("auto", "auto | cpu | cuda")
+    grad_checkpointing: bool = option(False, "activation checkpointing")
+    seed: int = option(0, "seed of every random draw")
+    save_every: int = option(10, "checkpoint every N steps (and at the end)")
+    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -186,14 +209,6 @@ def split_for_rank(n_global: int, d: Dist, what: str) -> slice:
 
 # ----------------------------------------------------------------------------------------------- seeding, dtype
 
-def seed_everything(seed: int) -> torch.Generator:
-    """Seed torch (all devices) and return the generator that drives data order and sampling noise. Every rank uses
-    the same seed: ranks draw their share of a global batch from the same global stream, which is what makes one
-    process and N processes give the same result."""
-    torch.manual_seed(seed)
-    return torch.Generator().manual_seed(seed)
-
-
 def parse_dtype(name: str) -> torch.dtype:
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in table:
@@ -329,6 +344,19 @@ def load_checkpoint_state(folder: str | Path, options: dict, compare: tuple[str,
     return state
 
 
+def resume_checkpoint(o, compare: tuple[str, ...], is_main: bool) -> tuple[Path | None, dict | None]:
+    """With --resume: the latest complete checkpoint in `o.out` and its state (options checked against `compare`,
+    RNG restored); (None, None) when not resuming or nothing was saved yet."""
+    folder = latest_checkpoint(o.out) if o.resume else None
+    if folder is None:
+        return None, None
+    state = load_checkpoint_state(folder, dataclasses.asdict(o), compare)
+    set_rng_state(state["rng"])
+    if is_main:
+        print(f"resumed from {folder} at step {state['step']}", flush=True)
+    return folder, state
+
+
 def rng_state() -> dict:
     out = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
@@ -351,6 +379,15 @@ def build_uae(uae_path: str, seed: int, dtype: torch.dtype, device: torch.device
 
     uae = UAE.from_pretrained(uae_path, dtype=dtype, device=device) if uae_path else UAE.tiny(seed, dtype, device)
     return uae.requires_grad_(False)
+
+
+def build_dataset(o: RunOptions, need_caption: bool):
+    """--data as (image, caption) pairs, or the procedural scenes (which come with captions)."""
+    from train.data import ImageCaptionDataset, ProceduralDataset
+
+    if o.data:
+        return ImageCaptionDataset(o.data, need_caption=need_caption)
+    return ProceduralDataset(o.procedural_images, o.size, o.seed)
 
 
 def build_reward(clip_path: str, tiny: bool, seed: int, dtype: torch.dtype, device: torch.device):

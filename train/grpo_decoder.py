@@ -33,30 +33,44 @@ if __package__ in (None, ""):  # `torchrun train/grpo_decoder.py` runs the file 
 import torch
 
 from model.flow import flow_sigmas, sde_step_with_logprob
-from model.lora import apply_lora, lora_disabled, lora_parameters, save_lora, load_lora
+from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
 from model.uae import UAE
-from train.common import (MetricsLogger, NonFiniteGuard, all_gather_cat, average_gradients, reduce_stats,
-                          build_reward, build_uae, close_distributed, condition, init_distributed, latest_checkpoint,
-                          load_checkpoint_state, option, parse_dtype, parse_options, rng_state, save_checkpoint,
-                          set_rng_state, split_for_rank)
-from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
+from train.common import (
+    MetricsLogger,
+    NonFiniteGuard,
+    RunOptions,
+    all_gather_cat,
+    average_gradients,
+    build_dataset,
+    build_reward,
+    build_uae,
+    close_distributed,
+    condition,
+    init_distributed,
+    option,
+    parse_dtype,
+    parse_options,
+    reduce_stats,
+    resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    split_for_rank,
+)
+from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import EMA, flow_grpo_loss, group_advantages
 
 DIT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
 
 
 @dataclass
-class Options:
-    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+class Options(RunOptions):
     clip: str = option("", "CLIP ViT-L/14 folder for the reward; empty = a tiny random CLIP (tiny preset only)")
-    data: str = option("", "folder or JSONL of images; empty = procedurally generated scenes")
     procedural_images: int = option(4, "how many procedural scenes when --data is empty")
+    dataset_captions: bool = option(False, "condition on the dataset's captions (cached captions) instead of "
+                                           "captioning with the frozen captioner")
     out: str = option("runs/grpo_decoder", "run folder: metrics.jsonl, checkpoints, adapters")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
-    steps: int = option(30, "optimizer steps")
     images_per_step: int = option(2, "source images per step (global)")
     group_size: int = option(8, "trajectories per image (G)")
-    size: int = option(64, "image size in pixels")
     sample_steps: int = option(10, "denoising steps when sampling trajectories")
     sde_window: str = option("", "'start:end' steps run as SDE and trained, ODE elsewhere; empty = all but the last")
     noise_level: float = option(0.7, "SDE noise level a")
@@ -67,23 +81,14 @@ class Options:
     beta: float = option(0.04, "KL coefficient")
     lr: float = option(3e-4, "AdamW learning rate")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient norm clip")
-    lora_rank: int = option(32, "LoRA rank")
-    lora_alpha: float = option(64.0, "LoRA alpha")
     lora_targets: str = option(DIT_LORA_TARGETS, "comma-separated DiT module names that get LoRA")
     ema_decay: float = option(0.95, "EMA decay of the adapters (for evaluation); 0 = off")
     caption_temperature: float = option(0.7, "captioner sampling temperature (0 = greedy)")
     caption_tokens: int = option(0, "max caption tokens; 0 = the model's default")
-    dtype: str = option("fp32", "fp32 | bf16 model weights (the SDE step is always fp32)")
-    device: str = option("auto", "auto | cpu | cuda")
-    grad_checkpointing: bool = option(False, "activation checkpointing in the DiT blocks")
-    seed: int = option(0, "seed of every random draw")
-    save_every: int = option(10, "checkpoint every N steps (and at the end)")
-    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
 
 
 # Options that must match to resume (the rest, e.g. --steps, may change).
-RESUME_KEYS = ("uae", "data", "images_per_step", "group_size", "size", "sample_steps", "sde_window", "lora_rank",
+RESUME_KEYS = ("uae", "data", "dataset_captions", "images_per_step", "group_size", "size", "sample_steps", "sde_window", "lora_rank",
                "lora_alpha", "lora_targets", "seed")
 
 
@@ -141,21 +146,17 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
     ema = EMA(params, decay=o.ema_decay) if o.ema_decay > 0 else None
 
-    dataset = (ImageCaptionDataset(o.data, need_caption=False) if o.data
-               else ProceduralDataset(o.procedural_images, o.size, o.seed))
+    dataset = build_dataset(o, need_caption=o.dataset_captions)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
-        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    if state is not None:
         load_lora(uae.dit, folder / "adapter")
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         sampler.state = SamplerState(**state["sampler"])
-        set_rng_state(state["rng"])
         start = state["step"]
-        if d.is_main:
-            print(f"resumed from {folder} at step {start}", flush=True)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
                         start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
@@ -166,15 +167,17 @@ def main(argv: list[str] | None = None) -> dict:
     for step in range(start + 1, o.steps + 1):
         # Every rank draws the same global randomness, then keeps its slice of trajectories.
         gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
-        images = [im for im, _ in sampler.next_batch(o.images_per_step)]
+        batch = sampler.next_batch(o.images_per_step)
+        images = [im for im, _ in batch]
         noise = torch.randn(n_traj, *latent_shape, generator=gen)[mine].to(d.device)
         step_noise = torch.randn(n_traj, o.sample_steps, *latent_shape, generator=gen)[mine].to(d.device)
         cap_seeds = torch.randint(2**31 - 1, (o.images_per_step,), generator=gen).tolist()
 
-        # 1. Captions of this rank's images from the frozen captioner (one seeded generator per image).
+        # 1. Captions of this rank's images: cached in the dataset, or from the frozen captioner (one seeded
+        #    generator per image).
         image_of = [i // o.group_size for i in range(n_traj)][mine]
-        captions = {}
-        for i in sorted(set(image_of)):
+        captions = {i: batch[i][1] for i in set(image_of)} if o.dataset_captions else {}
+        for i in sorted(set(image_of) - set(captions)):
             kw = dict(do_sample=o.caption_temperature > 0, temperature=o.caption_temperature or 1.0,
                       generator=torch.Generator().manual_seed(cap_seeds[i]))
             if o.caption_tokens:

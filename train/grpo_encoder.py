@@ -32,27 +32,38 @@ if __package__ in (None, ""):  # `torchrun train/grpo_encoder.py` runs the file 
 import torch
 
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
-from train.common import (MetricsLogger, NonFiniteGuard, all_gather_cat, average_gradients, build_reward, build_uae,
-                          close_distributed, init_distributed, latest_checkpoint, load_checkpoint_state, option,
-                          parse_dtype, parse_options, reduce_stats, rng_state, save_checkpoint, set_rng_state,
-                          split_for_rank)
-from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
-from train.rl import grpo_loss, group_advantages
+from train.common import (
+    MetricsLogger,
+    NonFiniteGuard,
+    RunOptions,
+    all_gather_cat,
+    average_gradients,
+    build_dataset,
+    build_reward,
+    build_uae,
+    close_distributed,
+    init_distributed,
+    option,
+    parse_dtype,
+    parse_options,
+    reduce_stats,
+    resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    split_for_rank,
+)
+from train.data import ResumableSampler, SamplerState, pil_to_tensor
+from train.rl import group_advantages, grpo_loss
 
 LLM_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
-class Options:
-    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+class Options(RunOptions):
     clip: str = option("", "CLIP ViT-L/14 folder for the reward; empty = a tiny random CLIP (tiny preset only)")
-    data: str = option("", "folder or JSONL of images; empty = procedurally generated scenes")
     out: str = option("runs/grpo_encoder", "run folder: metrics.jsonl, checkpoints, adapters")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
-    steps: int = option(30, "optimizer steps")
     images_per_step: int = option(2, "source images per step (global)")
     group_size: int = option(8, "captions per image (G)")
-    size: int = option(64, "reconstruction size in pixels")
     temperature: float = option(1.0, "caption sampling temperature (also used for the log-probs)")
     max_new_tokens: int = option(0, "max caption tokens; 0 = the model's default")
     gen_steps: int = option(4, "denoising steps of the frozen decoder when rendering a caption")
@@ -61,18 +72,7 @@ class Options:
     adv_clip: float = option(5.0, "advantage clamp")
     beta: float = option(0.04, "k3 KL coefficient")
     loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
-    lr: float = option(1e-4, "AdamW learning rate")
-    weight_decay: float = option(0.0, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient norm clip")
-    lora_rank: int = option(32, "LoRA rank")
-    lora_alpha: float = option(64.0, "LoRA alpha")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
-    dtype: str = option("fp32", "fp32 | bf16 model weights")
-    device: str = option("auto", "auto | cpu | cuda")
-    grad_checkpointing: bool = option(False, "activation checkpointing in the LM layers")
-    seed: int = option(0, "seed of every random draw")
-    save_every: int = option(10, "checkpoint every N steps (and at the end)")
-    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
 
 
 RESUME_KEYS = ("uae", "data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha", "lora_targets",
@@ -112,18 +112,15 @@ def main(argv: list[str] | None = None) -> dict:
     uae.lvlm.gradient_checkpointing = o.grad_checkpointing
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
-    dataset = ImageCaptionDataset(o.data, need_caption=False) if o.data else ProceduralDataset(1000, o.size, o.seed)
+    dataset = build_dataset(o, need_caption=False)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
-        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    if state is not None:
         load_lora(uae.lvlm, folder / "adapter")
         opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
-        set_rng_state(state["rng"])
         start = state["step"]
-        if d.is_main:
-            print(f"resumed from {folder} at step {start}", flush=True)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
                         start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)

@@ -33,39 +33,42 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
-from train.common import (MetricsLogger, NonFiniteGuard, average_gradients, build_uae, close_distributed, encode_text,
-                          init_distributed, latest_checkpoint, load_checkpoint_state, option, parse_dtype,
-                          parse_options, reduce_stats, rng_state, save_checkpoint, set_rng_state, split_for_rank)
-from train.data import ImageCaptionDataset, ProceduralDataset, ResumableSampler, SamplerState, pil_to_tensor
+from train.common import (
+    MetricsLogger,
+    NonFiniteGuard,
+    RunOptions,
+    average_gradients,
+    build_dataset,
+    build_uae,
+    close_distributed,
+    encode_text,
+    init_distributed,
+    option,
+    parse_dtype,
+    parse_options,
+    reduce_stats,
+    resume_checkpoint,
+    rng_state,
+    save_checkpoint,
+    split_for_rank,
+)
+from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
-from weights import load_module, save_safetensors
 
 
 @dataclass
-class Options:
-    uae: str = option("", "UAE release folder (or any folder UAE.from_pretrained reads); empty = the tiny preset")
-    data: str = option("", "folder (image + same-named .txt) or JSONL of (image, caption); empty = procedural")
+class Options(RunOptions):
     out: str = option("runs/sft_decoder", "run folder: metrics.jsonl, checkpoints")
-    resume: bool = option(False, "continue from the latest checkpoint in --out")
     steps: int = option(40, "optimizer steps")
-    batch_size: int = option(4, "pairs per step (global)")
-    size: int = option(64, "training resolution in pixels")
+    batch_size: int = option(4, "(image, caption) pairs per step (global)")
     weighting: str = option("logit_normal", "timestep sampling/weighting: logit_normal | sigma_sqrt | cosmap | uniform")
     logit_mean: float = option(0.0, "logit-normal mean")
     logit_std: float = option(1.0, "logit-normal std")
     lora_rank: int = option(32, "LoRA rank on the DiT; 0 = full-parameter training")
-    lora_alpha: float = option(64.0, "LoRA alpha")
     train_connector: bool = option(True, "train the connector")
-    fsdp: bool = option(False, "shard the DiT with FSDP2 (fully_shard per block) for full-parameter training")
-    lr: float = option(1e-4, "AdamW learning rate")
+    fsdp: bool = option(False, "shard the DiT and connector with FSDP2 (full-parameter training only)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
-    grad_clip: float = option(1.0, "gradient norm clip")
-    dtype: str = option("fp32", "fp32 | bf16 model weights")
-    device: str = option("auto", "auto | cpu | cuda")
-    grad_checkpointing: bool = option(False, "activation checkpointing in the DiT blocks")
-    seed: int = option(0, "seed of every random draw")
     save_every: int = option(20, "checkpoint every N steps (and at the end)")
-    max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
 
 
 RESUME_KEYS = ("uae", "data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp", "seed")
@@ -130,11 +133,11 @@ def main(argv: list[str] | None = None) -> dict:
         params = list(trained.parameters())
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
-    dataset = ImageCaptionDataset(o.data) if o.data else ProceduralDataset(1000, o.size, o.seed)
+    dataset = build_dataset(o, need_caption=True)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    if o.resume and (folder := latest_checkpoint(o.out)) is not None:
-        state = load_checkpoint_state(folder, asdict(o), RESUME_KEYS)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    if state is not None:
         if o.fsdp:  # full (unsharded) state dicts, resharded onto this run's ranks
             set_state_dict(trained, opt, model_state_dict=state["trained"], optim_state_dict=state["optimizer"],
                            options=StateDictOptions(full_state_dict=True))
@@ -147,10 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                 uae.connector.load_state_dict(state["connector"])
             opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
-        set_rng_state(state["rng"])
         start = state["step"]
-        if d.is_main:
-            print(f"resumed from {folder} at step {start}", flush=True)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
                         start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
