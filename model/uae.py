@@ -105,30 +105,38 @@ class UAE(nn.Module):
         return (texts, inputs, out) if return_output else texts
 
     # ------------------------------------------------------------------------------------------- conditioning
-    def generate_ids(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of each text in the `generate` chat turn, right-padded with the pad id (released convention)."""
+    def generate_ids(self, texts: list[str], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of each text in the `generate` chat turn, right-padded with the pad id (released convention) to
+        the longest text, or to `pad_to` tokens when given (the DiT has no text mask, so the pad tokens a text gets
+        change its image: distributed training pads every rank to the global batch's longest text)."""
         pad = self.processor.pad_token_id
         rows = []
         for t in texts:
             chat = self.processor.apply_chat_template([{"role": "generate", "content": [{"type": "text", "text": t}]}],
                                                       add_generation_prompt=True)
             rows.append(torch.tensor(self.processor.encode(chat), dtype=torch.long))
-        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad).to(self.device)
+        ids = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=pad)
+        if pad_to is not None:
+            if pad_to < ids.shape[1]:
+                raise ValueError(f"pad_to={pad_to} is shorter than the longest text ({ids.shape[1]} tokens)")
+            ids = torch.nn.functional.pad(ids, (0, pad_to - ids.shape[1]), value=pad)
+        ids = ids.to(self.device)
         return ids, ids.ne(pad).long()
 
-    def encode_text(self, texts: list[str]) -> torch.Tensor:
+    def encode_text(self, texts: list[str], pad_to: int | None = None) -> torch.Tensor:
         """DiT context [B, L, joint_attention_dim]: connector(last hidden states) of the `generate` turn."""
-        ids, mask = self.generate_ids(texts)
+        ids, mask = self.generate_ids(texts, pad_to)
         hidden = self.lvlm.forward_hidden(ids, attention_mask=mask)
         return self.connector(hidden.to(self.connector.fc1.weight.dtype))
 
-    def condition(self, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def condition(self, prompts: list[str], guidance_scale: float,
+                  pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(context, negative_context or None). With guidance the negative prompt is padded together with the
         positives so both share one length, as the released code pads them together."""
         if guidance_scale > 1.0:
-            ctx = self.encode_text([NEGATIVE_PROMPT] + list(prompts))
+            ctx = self.encode_text([NEGATIVE_PROMPT] + list(prompts), pad_to)
             return ctx[1:], ctx[:1].expand(len(prompts), -1, -1)
-        return self.encode_text(list(prompts)), None
+        return self.encode_text(list(prompts), pad_to), None
 
     def pooled(self, batch: int) -> torch.Tensor:
         return self.connector.pooled_batch(batch).to(self.dit_dtype)

@@ -223,3 +223,25 @@ def test_two_processes_equal_one(tmp_path):
     for x, y in zip(r1, r2):
         for k in ("reward_mean", "reward_std", "loss", "kl", "ratio_min", "ratio_max", "grad_norm"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+
+
+def test_dataset_captions_replace_the_captioner(tmp_path, monkeypatch):
+    from train.data import procedural_scene
+
+    from model.uae import NEGATIVE_PROMPT
+
+    seen = []
+    real_encode = UAE.encode_text
+
+    def refuse(*a, **k):
+        raise AssertionError("the captioner must not run with --dataset-captions")
+
+    def record(self, texts, *a, **k):
+        seen.extend(t for t in texts if t != NEGATIVE_PROMPT)
+        return real_encode(self, texts, *a, **k)
+
+    monkeypatch.setattr(UAE, "caption", refuse)
+    monkeypatch.setattr(UAE, "encode_text", record)
+    gd.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run"), "--dataset-captions", "--save-every", "100"])
+    scenes = {procedural_scene(i, 64, 0)[1] for i in range(2)}
+    assert seen and set(seen) <= scenes

@@ -257,3 +257,12 @@ def test_caption_inputs_cap_pixels_through_smart_resize(tiny):
     want_h, want_w = smart_resize(200, 300, 28, cfg.min_pixels, tiny.settings.caption_max_pixels)
     assert (h * 14, w * 14) == (want_h, want_w) and want_h * want_w <= tiny.settings.caption_max_pixels
     assert tiny.processor.image_config.max_pixels == cfg.max_pixels, "the shared processor is left untouched"
+
+
+def test_pad_to_extends_the_right_padding(tiny):
+    ids, mask = tiny.generate_ids(["a cat", "a much longer caption about a cat"])
+    ids2, mask2 = tiny.generate_ids(["a cat", "a much longer caption about a cat"], pad_to=ids.shape[1] + 3)
+    assert torch.equal(ids2[:, :ids.shape[1]], ids) and (ids2[:, ids.shape[1]:] == tiny.processor.pad_token_id).all()
+    assert mask2[:, ids.shape[1]:].sum() == 0
+    with pytest.raises(ValueError, match="shorter than the longest text"):
+        tiny.generate_ids(["a much longer caption about a cat"], pad_to=2)

@@ -140,26 +140,18 @@ def global_max(n: int) -> int:
 
 
 def encode_text(uae, texts: list[str]) -> torch.Tensor:
-    """`uae.encode_text` with the padding length of the global batch: the DiT has no text mask (the released
-    convention), so the pad tokens a row is padded with change its image; padding every rank to the longest text of
-    all ranks keeps N processes equal to one process with the same global batch."""
-    ids, mask = uae.generate_ids(texts)
-    extra = global_max(ids.shape[1]) - ids.shape[1]
-    if extra:
-        ids = torch.nn.functional.pad(ids, (0, extra), value=uae.processor.pad_token_id)
-        mask = torch.nn.functional.pad(mask, (0, extra), value=0)
-    hidden = uae.lvlm.forward_hidden(ids, attention_mask=mask)
-    return uae.connector(hidden.to(uae.connector.fc1.weight.dtype))
+    """`uae.encode_text` padded to the longest text of all ranks: the DiT has no text mask (the released convention),
+    so the padding a text gets changes its image, and global padding keeps N processes equal to one process with
+    the same global batch."""
+    return uae.encode_text(texts, pad_to=global_max(uae.generate_ids(texts)[0].shape[1]))
 
 
 def condition(uae, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`uae.condition` (negative prompt padded together with the positives) with the global batch's padding."""
+    """`uae.condition` (the negative prompt padded together with the positives) padded like `encode_text`."""
     from model.uae import NEGATIVE_PROMPT
 
-    if guidance_scale > 1.0:
-        ctx = encode_text(uae, [NEGATIVE_PROMPT] + list(prompts))
-        return ctx[1:], ctx[:1].expand(len(prompts), -1, -1)
-    return encode_text(uae, list(prompts)), None
+    padded_together = ([NEGATIVE_PROMPT] if guidance_scale > 1.0 else []) + list(prompts)
+    return uae.condition(prompts, guidance_scale, pad_to=global_max(uae.generate_ids(padded_together)[0].shape[1]))
 
 
 def reduce_stats(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
