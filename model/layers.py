@@ -37,11 +37,10 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool
         from kernels.attention import flash_attention
 
         return flash_attention(q, k, v, causal=causal, scale=scale)
-    if k.shape[1] != q.shape[1]:
-        rep = q.shape[1] // k.shape[1]
-        k = k.repeat_interleave(rep, dim=1)
-        v = v.repeat_interleave(rep, dim=1)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale)
+    # enable_gqa shares each key/value head across its query group without materialising the repeats (the decode
+    # step would otherwise copy the whole KV cache per call).
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 class RMSNorm(nn.Module):

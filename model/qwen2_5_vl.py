@@ -8,7 +8,8 @@ follows transformers 5.24 `Qwen2_5_VLForConditionalGeneration` (fp32 parity is t
 Generation prefills a left-padded batch into a preallocated static KV cache ([B, Hkv, max_len, D] per layer) and
 then runs `decode_step`, whose shapes do not change from step to step (new keys are written with `index_copy_` at a
 `cache_position` tensor and attention always spans the whole cache under a mask), so it can be captured in a CUDA
-graph. Every attention goes through `model.layers.attention`.
+graph: `generate(..., cuda_graph=True)` replays it as one (model/graph_decode.py). Every attention goes through
+`model.layers.attention`.
 
 Weights: `Qwen25VL.from_pretrained(folder)` reads config.json (the official flat layout or the nested one
 transformers 5 writes) and safetensors with either key spelling (`visual.*`/`model.layers.*` as on the hub and as
@@ -739,10 +740,15 @@ class Qwen25VL(nn.Module):
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0,
                  eos_token_id: int | Sequence[int] = (151645, 151643), pad_token_id: int = 151643,
-                 generator: torch.Generator | None = None, return_hidden: bool = False) -> GenerationOutput:
+                 generator: torch.Generator | None = None, return_hidden: bool = False,
+                 cuda_graph: bool = False) -> GenerationOutput:
         """Greedy or sampled continuation of a left-padded batch, row by row until eos or max_new_tokens; stops
         when every row has finished. Sampling draws with `torch.multinomial(probs, 1, generator=generator)` (the
-        global RNG when None, as transformers)."""
+        global RNG when None, as transformers).
+
+        cuda_graph: replay each decode step as a CUDA graph recorded once per (batch, prompt + max_new_tokens) and
+        kept for the model (model/graph_decode.py); same tokens as without. CUDA only: on another device the first
+        decode step raises ValueError. Sampling and the stopping test stay outside the graph."""
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         vocab = self.config.text.vocab_size
@@ -770,7 +776,13 @@ class Qwen25VL(nn.Module):
             raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {max_len} exceeds "
                              f"max_position_embeddings {self.config.text.max_position_embeddings}")
 
-        cache = self.new_cache(batch, max_len)
+        if cuda_graph:
+            from model import graph_decode
+
+            decode = graph_decode.decoder_for(self, batch, max_len)
+            cache = decode.cache
+        else:
+            decode, cache = self.decode_step, self.new_cache(batch, max_len)
         prompt_hidden = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, cache)
         logits = self.lm_head(prompt_hidden[:, -1]).float()
         seen = None
@@ -797,7 +809,7 @@ class Qwen25VL(nn.Module):
                 seen[torch.arange(batch, device=token.device), token] = True
             last = step == max_new_tokens - 1 or not bool(unfinished.any())
             if not last or return_hidden:  # the last token is run only for its hidden state
-                logits, hidden = self.decode_step(token, cache, cache_position)
+                logits, hidden = decode(token, cache, cache_position)
                 cache_position += 1
                 hiddens.append(hidden[:, None])
             if last:
