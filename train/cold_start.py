@@ -32,26 +32,9 @@ import torch
 from model.flow import euler_step, flow_sigmas
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.uae import NEGATIVE_PROMPT
-from train.common import (
-    MetricsLogger,
-    NonFiniteGuard,
-    RunOptions,
-    average_gradients,
-    build_dataset,
-    build_reward,
-    build_uae,
-    close_distributed,
-    global_max,
-    init_distributed,
-    option,
-    parse_dtype,
-    parse_options,
-    reduce_stats,
-    resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    split_for_rank,
-)
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset, build_reward,
+                          build_uae, close_distributed, global_max, init_distributed, option, parse_dtype,
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 from train.grpo_encoder import LLM_LORA_TARGETS

@@ -35,27 +35,9 @@ import torch
 from model.flow import flow_sigmas, sde_step_with_logprob
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
 from model.uae import UAE
-from train.common import (
-    MetricsLogger,
-    NonFiniteGuard,
-    RunOptions,
-    all_gather_cat,
-    average_gradients,
-    build_dataset,
-    build_reward,
-    build_uae,
-    close_distributed,
-    condition,
-    init_distributed,
-    option,
-    parse_dtype,
-    parse_options,
-    reduce_stats,
-    resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    split_for_rank,
-)
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients, build_dataset,
+                          build_reward, build_uae, close_distributed, condition, init_distributed, option, parse_dtype,
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import EMA, flow_grpo_loss, group_advantages
 

@@ -32,26 +32,9 @@ if __package__ in (None, ""):  # `torchrun train/grpo_encoder.py` runs the file 
 import torch
 
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
-from train.common import (
-    MetricsLogger,
-    NonFiniteGuard,
-    RunOptions,
-    all_gather_cat,
-    average_gradients,
-    build_dataset,
-    build_reward,
-    build_uae,
-    close_distributed,
-    init_distributed,
-    option,
-    parse_dtype,
-    parse_options,
-    reduce_stats,
-    resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    split_for_rank,
-)
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients, build_dataset,
+                          build_reward, build_uae, close_distributed, init_distributed, option, parse_dtype,
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import group_advantages, grpo_loss
 

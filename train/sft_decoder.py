@@ -33,25 +33,9 @@ import torch
 from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
-from train.common import (
-    MetricsLogger,
-    NonFiniteGuard,
-    RunOptions,
-    average_gradients,
-    build_dataset,
-    build_uae,
-    close_distributed,
-    encode_text,
-    init_distributed,
-    option,
-    parse_dtype,
-    parse_options,
-    reduce_stats,
-    resume_checkpoint,
-    rng_state,
-    save_checkpoint,
-    split_for_rank,
-)
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset, build_uae,
+                          close_distributed, encode_text, init_distributed, option, parse_dtype, parse_options,
+                          reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 
