@@ -356,3 +356,20 @@ def test_ema_state_dict_roundtrip_and_errors():
         EMA(a).load_state_dict({"shadow": []})
     with pytest.raises(ValueError, match="decay"):
         EMA(a, decay=1.0)
+
+
+def test_kl_is_reported_without_entering_the_loss_at_beta_zero():
+    g = torch.Generator().manual_seed(0)
+    logp, old, adv = torch.randn(4, generator=g), torch.randn(4, generator=g), torch.randn(4, generator=g)
+    mean, mean_ref = torch.randn(4, 2, 3, 3, generator=g), torch.randn(4, 2, 3, 3, generator=g)
+    loss0, m0 = flow_grpo_loss(logp, old, adv, mean, mean_ref, 0.5, clip_eps=0.2, beta=0.0)
+    loss1, m1 = flow_grpo_loss(logp, old, adv, mean, mean_ref, 0.5, clip_eps=0.2, beta=0.1)
+    kl = ((mean - mean_ref) ** 2).mean(dim=(1, 2, 3)) / (2 * 0.25)
+    torch.testing.assert_close(m0["kl"], kl.mean())
+    torch.testing.assert_close(loss0, m0["policy_loss"])
+    torch.testing.assert_close(loss1, loss0 + 0.1 * kl.mean())
+    tok_new, tok_old, tok_ref = (torch.randn(3, 5, generator=g) for _ in range(3))
+    loss, m = grpo_loss(tok_new, tok_old, tok_ref, torch.randn(3, generator=g), beta=0.0)
+    k3 = torch.exp(tok_ref - tok_new) - (tok_ref - tok_new) - 1
+    torch.testing.assert_close(m["kl"], k3.mean(1).mean())
+    torch.testing.assert_close(loss, m["policy_loss"])

@@ -200,21 +200,23 @@ def grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, logp_ref: torch.Te
     `reduction="token_mean"` replaces the per-sequence average by one over all tokens (DAPO).
     logp_new / logp_old / logp_ref: [B, T] per-token log-probs of the sampled tokens under the policy, the sampling
     policy and the reference (may be None when beta == 0); advantages [B]; mask [B, T] True on caption tokens.
-    Returns (loss, metrics): the policy stats plus policy_loss and kl (reduced like the loss, when beta > 0)."""
+    Returns (loss, metrics): the policy stats plus policy_loss and kl (reduced like the loss, whenever logp_ref is
+    given)."""
     if logp_new.ndim != 2:
         raise ValueError(f"logp_new must be per-token [B, T], got shape {tuple(logp_new.shape)}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     policy, stats = clipped_policy_loss(logp_new, logp_old, advantages, clip_eps, mask, reduction)
     metrics = {"policy_loss": policy.detach(), **stats}
-    if beta == 0:
-        return policy, metrics
     if logp_ref is None:
-        raise ValueError("beta > 0 needs logp_ref, the reference model's per-token log-probs")
+        if beta > 0:
+            raise ValueError("beta > 0 needs logp_ref, the reference model's per-token log-probs")
+        return policy, metrics
     _check_pair(logp_new, logp_ref, "logp_new", "logp_ref")
+    # Reported whenever the reference is given (drift monitoring); part of the loss only with beta > 0.
     kl = masked_reduce(kl_k3(*_zero_padding(mask, logp_new, logp_ref)), mask, reduction)
     metrics["kl"] = kl.detach()
-    return policy + beta * kl, metrics
+    return (policy + beta * kl if beta > 0 else policy), metrics
 
 
 def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: torch.Tensor,
@@ -225,22 +227,23 @@ def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
     + beta mean_i KL_i, with r_i = exp(log p_theta(x_{j+1}|x_j) - log p_old(...)) and KL_i the Gaussian-mean KL to
     the adapters-off reference (`kl_gaussian_means`). logp_*: [B]; advantages [B]; mean / mean_ref: the step's
     predicted means [B, C, H, W] with and without the adapters; std: the step's transition std.
-    Returns (loss, metrics): the policy stats plus policy_loss and kl (when beta > 0)."""
+    Returns (loss, metrics): the policy stats plus policy_loss and kl (whenever the reference means are given)."""
     if logp_new.ndim != 1:
         raise ValueError(f"logp_new must be one log-prob per sample [B], got shape {tuple(logp_new.shape)}")
     if beta < 0:
         raise ValueError(f"beta must be >= 0, got {beta}")
     policy, stats = clipped_policy_loss(logp_new, logp_old, advantages, clip_eps)
     metrics = {"policy_loss": policy.detach(), **stats}
-    if beta == 0:
-        return policy, metrics
     if mean is None or mean_ref is None or std is None:
-        raise ValueError("beta > 0 needs mean, mean_ref and std of the step for the KL term")
+        if beta > 0:
+            raise ValueError("beta > 0 needs mean, mean_ref and std of the step for the KL term")
+        return policy, metrics
     if mean.shape[0] != logp_new.shape[0]:
         raise ValueError(f"mean has batch {mean.shape[0]} but logp_new has {logp_new.shape[0]}")
+    # The KL is reported whenever the reference is given (drift monitoring); it enters the loss only with beta > 0.
     kl = kl_gaussian_means(mean, mean_ref, std).mean()
     metrics["kl"] = kl.detach()
-    return policy + beta * kl, metrics
+    return (policy + beta * kl if beta > 0 else policy), metrics
 
 
 # ----------------------------------------------------------------------------------------------- EMA
