@@ -12,10 +12,12 @@ Launch:
     torchrun --nproc_per_node=1 train/cold_start.py
     # 1 GPU, official weights
     torchrun --nproc_per_node=1 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
-        --data data/images/ --dtype bf16 --size 512 --batch-size 1 --grad-checkpointing --out runs/cold_start
+        --data data/images/ --dtype bf16 --size 512 --sample-steps 10 --guidance-scale 5 --lr 1e-4 --batch-size 1 \
+        --grad-checkpointing --out runs/cold_start
     # 8 GPUs
     torchrun --nproc_per_node=8 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
-        --data data/images/ --dtype bf16 --size 512 --batch-size 8 --grad-checkpointing --out runs/cold_start
+        --data data/images/ --dtype bf16 --size 512 --sample-steps 10 --guidance-scale 5 --lr 1e-4 --batch-size 8 \
+        --grad-checkpointing --out runs/cold_start
     # resume: add --resume
 """
 from __future__ import annotations
@@ -44,6 +46,11 @@ from train.grpo_encoder import LLM_LORA_TARGETS
 class Options(RunOptions):
     clip: str = option("", "CLIP ViT-L/14 folder for the loss; empty = a tiny random CLIP (tiny preset only)")
     out: str = option("runs/cold_start", "run folder: metrics.jsonl, checkpoints, adapters")
+    # Tiny no-argument run: one procedural image at lr 1e-2, so the loss visibly falls in a minute (the tiny random
+    # captioner writes near-identical captions for different images, so several images cannot be told apart).
+    # Real runs pass --data and the paper-scale lr (see the launch lines).
+    procedural_images: int = option(1, "how many procedural scenes when --data is empty")
+    lr: float = option(1e-2, "AdamW learning rate (real runs: ~1e-4)")
     batch_size: int = option(2, "images per step (global)")
     sample_steps: int = option(4, "denoising steps (released: 10)")
     grad_last_k: int = option(0, "backprop through the last K denoising steps only; 0 = all")
