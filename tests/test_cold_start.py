@@ -3,8 +3,6 @@
 metrics fields; --help; the gradient reaches the LVLM, connector and DiT; adapters off = frozen base; resume ==
 uninterrupted run; a checkpoint of other options is refused; --grad-last-k truncates the graph.
 """
-import json
-from pathlib import Path
 
 import pytest
 import torch
@@ -13,35 +11,10 @@ import train.cold_start as cs
 from model.flow import flow_sigmas
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
-from weights import open_checkpoint
+from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
 
 FAST = ["--batch-size", "2", "--sample-steps", "2", "--max-new-tokens", "6", "--lora-rank", "4", "--lora-alpha", "8",
         "--lr", "1e-3", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(folder) -> dict[str, torch.Tensor]:
-    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
-    return {k: f[k] for k in f}
-
-
-def last_ckpt(out) -> Path:
-    return Path(out) / (Path(out) / "latest").read_text().strip()
-
-
-def without_time(rs):
-    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
 
 
 def test_help_lists_options_with_defaults(capsys):

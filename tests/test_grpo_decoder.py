@@ -4,7 +4,6 @@ Invariants: ratio == 1 and zero KL before the first update; noise level 0 makes 
 the adapters-off reference is the frozen base; metrics.jsonl fields; --help; resume == uninterrupted run; a checkpoint
 of other options is refused; a save killed part-way never leaves a checkpoint that loads wrong; 2 processes == 1.
 """
-import json
 import os
 import re
 import subprocess
@@ -19,38 +18,13 @@ import train.grpo_decoder as gd
 from model.flow import flow_sigmas, sample_ode
 from model.lora import apply_lora, load_lora, lora_disabled, lora_layers
 from model.uae import UAE
+from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
 from train.common import Dist
-from weights import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # Small and fast: 1 image x G 4, 4 denoising steps (3 trained), tiny LoRA, the KL penalty on (so KL is logged).
 FAST = ["--images-per-step", "1", "--group-size", "4", "--sample-steps", "4", "--procedural-images", "2",
         "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--beta", "0.04", "--size", "64", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # the tiny runs are faster single-threaded, and other processes share the CPU
-    yield
-    torch.set_num_threads(before)
-
-
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(folder) -> dict[str, torch.Tensor]:
-    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
-    return {k: f[k] for k in f}
-
-
-def last_ckpt(out) -> Path:
-    return Path(out) / (Path(out) / "latest").read_text().strip()
-
-
-def without_time(rs):
-    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
 
 
 def test_help_lists_options_with_defaults(capsys):
@@ -248,9 +222,8 @@ def test_two_processes_equal_one(tmp_path):
 
 
 def test_dataset_captions_replace_the_captioner(tmp_path, monkeypatch):
-    from train.data import procedural_scene
-
     from model.uae import NEGATIVE_PROMPT
+    from train.data import procedural_scene
 
     seen = []
     real_encode = UAE.encode_text

@@ -3,7 +3,6 @@
 Invariants: ratio == 1 and zero KL before the first update; the adapters-off reference is the frozen base; metrics
 fields incl. caption length; --help; resume == uninterrupted run; a checkpoint of other options is refused; 2 == 1.
 """
-import json
 import os
 import subprocess
 import sys
@@ -15,38 +14,13 @@ import torch
 import train.grpo_encoder as ge
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
+from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
 from train.common import Dist
 from train.data import procedural_scene
-from weights import open_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--images-per-step", "1", "--group-size", "4", "--max-new-tokens", "8", "--gen-steps", "2",
         "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu"]
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(folder) -> dict[str, torch.Tensor]:
-    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
-    return {k: f[k] for k in f}
-
-
-def last_ckpt(out) -> Path:
-    return Path(out) / (Path(out) / "latest").read_text().strip()
-
-
-def without_time(rs):
-    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
 
 
 def test_help_lists_options_with_defaults(capsys):

@@ -1,7 +1,6 @@
 """train/sft_decoder.py (stage 0, rectified-flow SFT of the decoder): shortened tiny runs, in-process, and 2-process
 torchrun runs (adapters with gradient all-reduce; full parameters sharded with FSDP2) against one process.
 """
-import json
 import os
 import subprocess
 import sys
@@ -13,39 +12,14 @@ import torch
 import train.sft_decoder as sd
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
-from weights import open_checkpoint
+from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--device", "cpu"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
-def rows(out) -> list[dict]:
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
-
-
-def adapter(folder) -> dict[str, torch.Tensor]:
-    f = open_checkpoint(Path(folder) / "adapter_model.safetensors")
-    return {k: f[k] for k in f}
-
-
-def last_ckpt(out) -> Path:
-    return Path(out) / (Path(out) / "latest").read_text().strip()
-
-
 def state(out) -> dict:
     return torch.load(last_ckpt(out) / "state.pt", weights_only=True)
-
-
-def without_time(rs):
-    return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
 
 
 def test_help_and_bad_options(capsys):
