@@ -85,7 +85,8 @@ class ReconstructionReward:
                 return self.backbone.embed_tensor(sources)
         return self.backbone.embed_pil(list(sources))
 
-    def __call__(self, sources: list[Image.Image] | torch.Tensor | None, reconstructions: list[Image.Image] | torch.Tensor,
+    def __call__(self, sources: list[Image.Image] | torch.Tensor | None,
+                 reconstructions: list[Image.Image] | torch.Tensor,
                  source_features: torch.Tensor | None = None, differentiable: bool = False) -> torch.Tensor:
         """Per-pair scores [N] (fp32). Pass `source_features` (from `source_features`) to reuse them across a group."""
         ref = source_features if source_features is not None else self.source_features(sources)

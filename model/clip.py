@@ -27,7 +27,8 @@ from model.layers import attention
 from weights import CheckpointError, load_module, load_state_dict, rename_keys
 
 __all__ = [
-    "CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPTextEncoder", "CLIPTokenizer", "KEY_TABLE", "OPENAI_KEY_TABLE",
+    "CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPTextEncoder", "CLIPTokenizer", "KEY_TABLE",
+    "OPENAI_KEY_TABLE",
     "openai_to_clip_state_dict", "clip_preprocess", "clip_preprocess_tensor", "load_rgb",
     "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
 ]

@@ -56,8 +56,8 @@ INITS = ("gaussian", "kaiming")
 
 # LoraConfig fields whose non-default values change the maths or the key layout; we refuse them rather than
 # load an adapter that would compute something else.
-_UNSUPPORTED_FIELDS = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "modules_to_save", "layers_to_transform",
-                       "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters",
+_UNSUPPORTED_FIELDS = ("use_dora", "use_rslora", "fan_in_fan_out", "lora_bias", "modules_to_save",
+                       "layers_to_transform", "rank_pattern", "alpha_pattern", "exclude_modules", "target_parameters",
                        "trainable_token_indices")
 _KEY = re.compile(r"(.+)\.lora_([AB])\.weight")
 

@@ -10,8 +10,8 @@ same path, positive and negative right-padded together with the pad id (the rele
 DiT gets no text mask).
 
 Loading: the official release folder (`llm_model/`, `llm_lora/`, `dit/`, `dit_lora/`, `SD3/`) or any combination of a
-plain Qwen2.5-VL folder, an SD3/SD3.5 diffusers folder and a connector file. `UAE.tiny(seed)` builds every part small and
-random so the whole loop runs on a CPU in seconds.
+plain Qwen2.5-VL folder, an SD3/SD3.5 diffusers folder and a connector file. `UAE.tiny(seed)` builds every part small
+and random so the whole loop runs on a CPU in seconds.
 """
 from __future__ import annotations
 
@@ -99,7 +99,8 @@ class UAE(nn.Module):
             max_new_tokens=max_new_tokens or self.settings.caption_max_new_tokens, do_sample=do_sample,
             temperature=temperature if temperature is not None else self.settings.caption_temperature,
             top_k=top_k, top_p=top_p, generator=generator,
-            eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id), pad_token_id=self.processor.pad_token_id)
+            eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id),
+            pad_token_id=self.processor.pad_token_id)
         texts = self.processor.batch_decode(out.new_tokens.masked_fill(~out.mask, self.processor.pad_token_id).tolist())
         texts = [t.strip() for t in texts]
         return (texts, inputs, out) if return_output else texts
@@ -173,7 +174,8 @@ class UAE(nn.Module):
         return batch, self.vae.config.latent_channels, height // d, width // d
 
     @torch.no_grad()
-    def generate(self, prompts: list[str], height: int | None = None, width: int | None = None, steps: int | None = None,
+    def generate(self, prompts: list[str], height: int | None = None, width: int | None = None,
+                 steps: int | None = None,
                  guidance_scale: float | None = None, generator: torch.Generator | None = None,
                  output_type: str = "pil"):
         """Images from text prompts (CFG Euler ODE sampling on the SD3 shifted schedule)."""

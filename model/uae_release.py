@@ -62,10 +62,12 @@ def resolve_parts(release=None, *, lvlm=None, dit=None, sd3=None, connector=None
             raise FileNotFoundError(f"UAE release folder {root} lacks {', '.join(missing)} "
                                     f"(expected {', '.join(RELEASE_PARTS)})")
         defaults = dict(lvlm=root / "llm_model", dit=root / "dit", sd3=root / "SD3", llm_lora=root / "llm_lora",
-                        dit_lora=root / "dit_lora", pooled=root / POOLED_FILE if (root / POOLED_FILE).exists() else None)
+                        dit_lora=root / "dit_lora",
+                        pooled=root / POOLED_FILE if (root / POOLED_FILE).exists() else None)
         paths = {k: v if v is not None else defaults.get(k) for k, v in paths.items()}
     if paths["lvlm"] is None or paths["sd3"] is None and paths["dit"] is None:
-        raise ValueError("UAE.from_pretrained needs a release folder, or lvlm= and sd3= (an SD3/SD3.5 diffusers folder)")
+        raise ValueError("UAE.from_pretrained needs a release folder, or lvlm= and sd3= "
+                         "(an SD3/SD3.5 diffusers folder)")
     for name, p in paths.items():
         if p is not None and not p.exists():
             raise FileNotFoundError(f"{name} path {p} does not exist")

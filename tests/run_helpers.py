@@ -1,6 +1,7 @@
 """Helpers shared by the training-script tests: reading a run folder's metrics, adapters and checkpoints, and a
 single-threaded torch for the tiny in-process runs (faster, and other processes share the CPU)."""
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -32,3 +33,31 @@ def last_ckpt(out) -> Path:
 
 def without_time(rs):
     return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
+
+
+ROOT = Path(__file__).resolve().parents[1]
+_RENDEZVOUS_ERRORS = ("EADDRINUSE", "address already in use", "DistNetworkError", "RendezvousConnectionError",
+                      "Connection refused", "Connection reset")
+
+
+def torchrun_two(script: str, args: list[str], out) -> None:
+    """Run `train/<script>` on 2 CPU processes (gloo) with a free local port. Retried once, only when the launch
+    failed on the rendezvous itself (a port taken between choosing and binding it), never on the script's own error."""
+    import socket
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    for attempt in range(2):
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+               "--master-addr=127.0.0.1", f"--master-port={port}", str(ROOT / "train" / script), *args,
+               "--out", str(out)]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        if proc.returncode == 0:
+            return
+        if attempt == 0 and any(e in proc.stderr for e in _RENDEZVOUS_ERRORS):
+            continue
+        raise AssertionError(f"torchrun {script} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}")

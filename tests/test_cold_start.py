@@ -11,7 +11,8 @@ import train.cold_start as cs
 from model.flow import flow_sigmas
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
-from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
+from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from tests.run_helpers import adapter, last_ckpt, rows, without_time
 
 FAST = ["--batch-size", "2", "--sample-steps", "2", "--max-new-tokens", "6", "--lora-rank", "4", "--lora-alpha", "8",
         "--lr", "1e-3", "--device", "cpu"]

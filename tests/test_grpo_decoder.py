@@ -4,10 +4,7 @@ Invariants: ratio == 1 and zero KL before the first update; noise level 0 makes 
 the adapters-off reference is the frozen base; metrics.jsonl fields; --help; resume == uninterrupted run; a checkpoint
 of other options is refused; a save killed part-way never leaves a checkpoint that loads wrong; 2 processes == 1.
 """
-import os
 import re
-import subprocess
-import sys
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,7 +15,8 @@ import train.grpo_decoder as gd
 from model.flow import flow_sigmas, sample_ode
 from model.lora import apply_lora, load_lora, lora_disabled, lora_layers
 from model.uae import UAE
-from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
+from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, without_time
 from train.common import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -77,7 +75,8 @@ def test_default_run_raises_the_reward(tmp_path):
 def test_minibatches_split_by_global_index(tmp_path):
     # Several optimizer steps per rollout: the ratio leaves 1 after the first minibatch, and a bad split is an error.
     out = tmp_path / "run"
-    gd.main(FAST + ["--steps", "1", "--minibatches", "2", "--inner-epochs", "2", "--clip-eps", "0.2", "--out", str(out)])
+    gd.main(FAST + ["--steps", "1", "--minibatches", "2", "--inner-epochs", "2", "--clip-eps", "0.2",
+                    "--out", str(out)])
     r = rows(out)[0]
     assert r["ratio_max"] > 1 or r["ratio_min"] < 1
     with pytest.raises(ValueError, match="minibatches"):
@@ -205,11 +204,7 @@ def test_two_processes_equal_one(tmp_path):
     args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3", "--images-per-step", "3", "--group-size", "2",
                    "--procedural-images", "3"]
     gd.main(args + ["--out", str(tmp_path / "one")])
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train" / "grpo_decoder.py"), *args, "--out", str(tmp_path / "two")]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two("grpo_decoder.py", args, tmp_path / "two")
     a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
     assert a.keys() == b.keys()
     for k in a:

@@ -1,9 +1,6 @@
 """train/sft_decoder.py (stage 0, rectified-flow SFT of the decoder): shortened tiny runs, in-process, and 2-process
 torchrun runs (adapters with gradient all-reduce; full parameters sharded with FSDP2) against one process.
 """
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +9,8 @@ import torch
 import train.sft_decoder as sd
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
-from tests.run_helpers import adapter, last_ckpt, one_thread, rows, without_time  # noqa: F401 (one_thread: autouse fixture)
+from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, without_time
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--device", "cpu"]
@@ -85,11 +83,7 @@ def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
 
 
 def torchrun(script_args, out):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(ROOT / "train" / "sft_decoder.py"), *script_args, "--out", str(out)]
-    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    torchrun_two("sft_decoder.py", script_args, out)
 
 
 def test_two_processes_equal_one_adapters(tmp_path):

@@ -293,7 +293,8 @@ class NonFiniteGuard:
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, write_extra=None) -> Path:
     """Write `run_dir/step_{step:08d}/` atomically: everything goes into a temp folder which is renamed into place,
     then `run_dir/latest` is replaced atomically. A run killed mid-save leaves at worst a stray temp folder, never
-    a checkpoint that `latest` points to and that loads wrong. `write_extra(folder)` adds files (e.g. a PEFT adapter)."""
+    a checkpoint that `latest` points to and that loads wrong. `write_extra(folder)` adds files (e.g. a PEFT
+    adapter)."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step:08d}"

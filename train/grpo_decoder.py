@@ -85,7 +85,8 @@ class Options(RunOptions):
 
 
 # Options that must match to resume (the rest, e.g. --steps, may change).
-RESUME_KEYS = ("uae", "data", "dataset_captions", "images_per_step", "group_size", "size", "sample_steps", "sde_window", "lora_rank",
+RESUME_KEYS = ("uae", "data", "dataset_captions", "images_per_step", "group_size", "size", "sample_steps",
+               "sde_window", "lora_rank",
                "lora_alpha", "lora_targets", "seed")
 
 
