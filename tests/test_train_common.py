@@ -83,7 +83,7 @@ def test_metrics_logger_resume_drops_rows_after_the_checkpoint(tmp_path):
     for step in (1, 2, 3):  # the run logged step 3, then died before checkpointing it
         log.log(step, {"loss": float(step)})
     log.close()
-    log = MetricsLogger(path, total_steps=4, resume=True, start_step=2)
+    log = MetricsLogger(path, total_steps=4, start_step=2)
     log.log(3, {"loss": 30.0})
     log.close()
     rows = [json.loads(line) for line in path.read_text().splitlines()]

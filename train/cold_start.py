@@ -36,7 +36,8 @@ from model.lora import apply_lora, load_lora, lora_parameters, save_lora
 from model.uae import NEGATIVE_PROMPT
 from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset, build_reward,
                           build_uae, close_distributed, global_max, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank,
+                          step_generator)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 from train.grpo_encoder import LLM_LORA_TARGETS
@@ -108,14 +109,13 @@ def main(argv: list[str] | None = None) -> dict:
         opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
-                        start_step=start)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
     metrics: dict = {}
 
     for step in range(start + 1, o.steps + 1):
-        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        gen = step_generator(o.seed, step)
         images = sampler.next_batch(o.batch_size)
         noise = torch.randn(uae.latent_shape(o.batch_size, o.size, o.size), generator=gen)[mine].to(d.device)
         seeds = torch.randint(2**31 - 1, (o.batch_size,), generator=gen)[mine].tolist()

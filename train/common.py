@@ -201,6 +201,12 @@ def split_for_rank(n_global: int, d: Dist, what: str) -> slice:
 
 # ----------------------------------------------------------------------------------------------- seeding, dtype
 
+def step_generator(seed: int, step: int) -> torch.Generator:
+    """The generator of one step's global random draws (data noise, sampling seeds): a function of (seed, step)
+    only, so a resumed run and any number of ranks draw exactly what an uninterrupted single process draws."""
+    return torch.Generator().manual_seed(seed * 100_003 + step)
+
+
 def parse_dtype(name: str) -> torch.dtype:
     table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if name not in table:
@@ -213,10 +219,10 @@ def parse_dtype(name: str) -> torch.dtype:
 class MetricsLogger:
     """One line per step to stdout (rank 0) and one JSON object per step to `path` (rank 0), with s/step and ETA."""
 
-    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, resume: bool = False,
-                 start_step: int = 0):
-        """resume: append to an existing file, first dropping rows logged after `start_step` (the checkpoint the
-        run resumes from), so that a resumed run's file equals an uninterrupted run's."""
+    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, start_step: int = 0):
+        """start_step > 0 (a resumed run): append to the existing file, first dropping rows logged after
+        `start_step` (the checkpoint the run resumes from), so that it equals an uninterrupted run's file."""
+        resume = start_step > 0
         self.total = total_steps
         self.is_main = is_main
         self.file = None

@@ -41,7 +41,8 @@ from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, sa
 from model.uae import UAE
 from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients, build_dataset,
                           build_reward, build_uae, close_distributed, condition, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank,
+                          step_generator)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import EMA, flow_grpo_loss, group_advantages
 
@@ -160,8 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
             ema.load_state_dict(state["ema"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
-                        start_step=start)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
     latent_shape = uae.latent_shape(1, o.size, o.size)[1:]
@@ -169,7 +169,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     for step in range(start + 1, o.steps + 1):
         # Every rank draws the same global randomness, then keeps its slice of trajectories.
-        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        gen = step_generator(o.seed, step)
         batch = sampler.next_batch(o.images_per_step)
         images = [im for im, _ in batch]
         noise = torch.randn(n_traj, *latent_shape, generator=gen)[mine].to(d.device)

@@ -36,7 +36,8 @@ import torch
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
 from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients, build_dataset,
                           build_reward, build_uae, close_distributed, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank,
+                          step_generator)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import group_advantages, grpo_loss
 
@@ -125,13 +126,12 @@ def main(argv: list[str] | None = None) -> dict:
         opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
-                        start_step=start)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
 
     for step in range(start + 1, o.steps + 1):
-        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        gen = step_generator(o.seed, step)
         images = [im for im, _ in sampler.next_batch(o.images_per_step)]
         seeds = torch.randint(2**31 - 1, (n_caps, 2), generator=gen)
         image_of = [i // o.group_size for i in range(n_caps)]

@@ -35,7 +35,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_
 from model.lora import apply_lora, load_lora, lora_parameters, save_lora
 from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset, build_uae,
                           close_distributed, encode_text, init_distributed, option, parse_dtype, parse_options,
-                          reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank)
+                          reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank, step_generator)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.grpo_decoder import DIT_LORA_TARGETS
 
@@ -135,13 +135,12 @@ def main(argv: list[str] | None = None) -> dict:
             opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, resume=start > 0,
-                        start_step=start)
+    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
 
     for step in range(start + 1, o.steps + 1):
-        gen = torch.Generator().manual_seed(o.seed * 100_003 + step)
+        gen = step_generator(o.seed, step)
         pairs = sampler.next_batch(o.batch_size)
         latent_shape = uae.latent_shape(o.batch_size, o.size, o.size)
         noise = torch.randn(latent_shape, generator=gen)[mine].to(d.device)
