@@ -31,6 +31,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from kernels.logprob import token_logprobs as fused_token_logprobs
+from kernels.logprob import token_logprobs_reference
 from model.layers import RMSNorm, attention
 from weights import Checkpoint, load_module
 
@@ -275,12 +276,6 @@ def vision_attention_layout(grid_thw: torch.Tensor, cfg: VisionConfig) -> tuple[
     return torch.cat(index).to(device), cu_window.to(device), cu_seqlens.to(device)
 
 
-def block_diagonal_mask(cu_seqlens: torch.Tensor, n: int) -> torch.Tensor:
-    """Bool [n, n]: token i attends to token j iff both lie in the same [cu[k], cu[k+1]) segment."""
-    segment = torch.bucketize(torch.arange(n, device=cu_seqlens.device), cu_seqlens[1:], right=True)
-    return segment[:, None] == segment[None, :]
-
-
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -307,14 +302,15 @@ class VisionAttention(nn.Module):
         self.qkv = nn.Linear(cfg.hidden_size, 3 * cfg.hidden_size)
         self.proj = nn.Linear(cfg.hidden_size, cfg.hidden_size)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cu_seqlens: torch.Tensor,
+                max_seqlen: int) -> torch.Tensor:
         n, dim = x.shape
         q, k, v = self.qkv(x).view(n, 3, self.num_heads, -1).permute(1, 2, 0, 3).unbind(0)  # [H, N, D] each
         # transformers applies the vision RoPE in fp32 and casts back (apply_rotary_pos_emb_vision).
         qf, kf = q.float(), k.float()
         q = (qf * cos + rotate_half(qf) * sin).to(v.dtype)
         k = (kf * cos + rotate_half(kf) * sin).to(v.dtype)
-        out = attention(q[None], k[None], v[None], mask=mask)[0]
+        out = attention(q[None], k[None], v[None], cu_seqlens=cu_seqlens, max_seqlen=max_seqlen)[0]
         return self.proj(out.transpose(0, 1).reshape(n, dim))
 
 
@@ -337,8 +333,8 @@ class VisionBlock(nn.Module):
         self.norm2 = RMSNorm(cfg.hidden_size, VISION_NORM_EPS)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=True)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.norm1(x), cos, sin, mask)
+    def forward(self, x, cos, sin, cu_seqlens, max_seqlen):
+        x = x + self.attn(self.norm1(x), cos, sin, cu_seqlens, max_seqlen)
         return x + self.mlp(self.norm2(x))
 
 
@@ -393,9 +389,12 @@ class VisionTower(nn.Module):
 
         x = to_windows(x)
         cos, sin = (to_windows(t) for t in self.rope(grid_thw, x.device))
-        window_mask, full_mask = block_diagonal_mask(cu_window, n), block_diagonal_mask(cu_full, n)
+        # Window blocks attend within each window, full blocks within each frame: packed sequences for the one
+        # attention function (one varlen kernel launch per block, or a block-diagonal mask under SDPA).
+        max_window, max_frame = (int((cu[1:] - cu[:-1]).max()) for cu in (cu_window, cu_full))
         for i, block in enumerate(self.blocks):
-            x = block(x, cos, sin, full_mask if i in self.config.fullatt_block_indexes else window_mask)
+            full = i in self.config.fullatt_block_indexes
+            x = block(x, cos, sin, cu_full if full else cu_window, max_frame if full else max_window)
         return self.merger(x)[torch.argsort(window_index)]
 
 
@@ -490,7 +489,7 @@ class TextAttention(nn.Module):
             k_cache.index_copy_(2, cache_position, k)
             v_cache.index_copy_(2, cache_position, v)
             k, v = k_cache, v_cache
-        out = attention(q, k, v, mask=mask)
+        out = attention(q, k, v, mask=mask, causal=mask is None)
         return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
 
 
@@ -529,10 +528,12 @@ class TextModel(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
         self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, cache: KVCache | None = None,
-                cache_position: torch.Tensor | None = None, gradient_checkpointing: bool = False) -> torch.Tensor:
-        """Embeddings [B, T, d] at M-RoPE positions [3, B, T] -> final-norm hidden states. With a cache, keys and
-        values are written at columns `cache_position` [T] and `mask` [B, 1, T, max_len] spans the whole cache."""
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor | None,
+                cache: KVCache | None = None, cache_position: torch.Tensor | None = None,
+                gradient_checkpointing: bool = False) -> torch.Tensor:
+        """Embeddings [B, T, d] at M-RoPE positions [3, B, T] -> final-norm hidden states; mask None = plain causal.
+        With a cache, keys and values are written at columns `cache_position` [T] and `mask` [B, 1, T, max_len]
+        spans the whole cache."""
         cos, sin = mrope_cos_sin(positions, self.config, x.dtype)
         for i, layer in enumerate(self.layers):
             if cache is not None:
@@ -605,6 +606,7 @@ class Qwen25VL(nn.Module):
         if config.text.tie_word_embeddings:
             self.lm_head.weight = self.language_model.embed_tokens.weight
         self.gradient_checkpointing = False  # recompute decoder layers in backward (uncached forwards only)
+        self.fused_logprobs = True  # token_logprobs through kernels/logprob.py; False = logits + log_softmax
 
     @classmethod
     def from_pretrained(cls, path: str | os.PathLike, dtype: torch.dtype = torch.float32,
@@ -682,12 +684,21 @@ class Qwen25VL(nn.Module):
 
     # ------------------------------------------------------------------------------------------- forward
     def forward_hidden(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
-                       image_grid_thw: torch.Tensor | None = None,
-                       attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Last-layer hidden states after the final norm, [B, T, d]. Positions the mask drops hold unspecified
-        values; right-padding positions attend to every earlier real token, as in transformers."""
+                       image_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
+                       pad_states: bool = True) -> torch.Tensor:
+        """Last-layer hidden states after the final norm, [B, T, d]. Left-padding positions hold unspecified values;
+        right-padding positions attend to every earlier real token, as in transformers (UAE's text conditioning
+        reads them).
+
+        pad_states=False: the caller ignores every padding position (log-prob paths). A batch with right padding
+        only then runs plain causal attention without a mask, which the flash kernels (ours, SDPA's) take; real
+        tokens get the same values, right pads then also see earlier pads."""
         x, positions, _, attention_mask = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw)
-        mask = causal_mask(attention_mask.bool(), torch.arange(x.shape[1], device=x.device))
+        valid = attention_mask.bool()
+        if not pad_states and bool((valid[:, 1:] <= valid[:, :-1]).all()):
+            mask = None
+        else:
+            mask = causal_mask(valid, torch.arange(x.shape[1], device=x.device))
         return self.language_model(x, positions, mask, gradient_checkpointing=self.gradient_checkpointing)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
@@ -697,12 +708,13 @@ class Qwen25VL(nn.Module):
 
     def token_logprobs(self, hidden: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
         """log softmax(lm_head(hidden) / temperature)[target] for hidden [..., d] and targets [...] -> fp32 [...],
-        differentiable; the vocabulary-chunked fused kernel (kernels/logprob.py) avoids materialising the logits."""
+        differentiable. With `fused_logprobs` (default) the vocabulary-chunked kernel (kernels/logprob.py) never
+        materialises the [N, V] logits; otherwise they are computed in fp32 and log-softmaxed (the naive path)."""
         if hidden.shape[:-1] != targets.shape:
             raise ValueError(f"hidden {list(hidden.shape)} and targets {list(targets.shape)} must share their "
                              "leading dimensions")
-        flat = fused_token_logprobs(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1),
-                                    temperature)
+        impl = fused_token_logprobs if self.fused_logprobs else token_logprobs_reference
+        flat = impl(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), temperature)
         return flat.view(targets.shape)
 
     # ------------------------------------------------------------------------------------------- generation

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import train.grpo_encoder as ge
+from model.layers import get_attention_backend, set_attention_backend
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
@@ -120,3 +121,28 @@ def test_two_processes_equal_one(tmp_path):
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
         for k in ("reward_mean", "reward_std", "loss", "kl", "caption_len", "grad_norm"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+
+
+def test_kernel_paths_give_the_same_run(tmp_path):
+    """--attention triton (every model's attention through kernels/attention.py, the interpreter here) and
+    --logprob naive (logits + log_softmax) train the same as the defaults (SDPA, fused log-probs)."""
+    args = FAST + ["--steps", "2", "--save-every", "2"]
+    ge.main(args + ["--out", str(tmp_path / "default")])
+    try:
+        ge.main(args + ["--attention", "triton", "--logprob", "naive", "--out", str(tmp_path / "kernels")])
+        assert get_attention_backend() == "triton"
+    finally:
+        set_attention_backend("sdpa")
+    for x, y in zip(rows(tmp_path / "default"), rows(tmp_path / "kernels"), strict=True):
+        for k in ("reward_mean", "reward_std", "loss", "kl", "caption_len", "grad_norm"):
+            assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
+    # Adam scales each update to about lr (1e-2) whatever the gradient's size, so the ~1e-6 relative differences of
+    # the kernels' sums move near-zero-gradient entries by up to ~1e-4 after two steps; a wrong kernel moves ~lr.
+    a, b = adapter(last_ckpt(tmp_path / "default") / "adapter"), adapter(last_ckpt(tmp_path / "kernels") / "adapter")
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-4)
+
+
+def test_bad_logprob_path_is_refused():
+    with pytest.raises(ValueError, match="--logprob must be fused or naive"):
+        ge.main(["--logprob", "chunked"])

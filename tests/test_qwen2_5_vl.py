@@ -13,6 +13,8 @@ from transformers.generation.logits_process import (LogitsProcessorList, Repetit
                                                     TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
 from transformers.vision_utils import get_vision_window_index
 
+import kernels.attention
+from model.layers import get_attention_backend, set_attention_backend
 from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, mrope_positions, vision_attention_layout
 from weights import CheckpointError
 
@@ -414,6 +416,84 @@ def test_gradient_checkpointing_same_values_and_grads(untied):
     ours.gradient_checkpointing = False
     ours.zero_grad(set_to_none=True)
     assert rel_err(grads[1], grads[0]) <= 1e-6
+
+
+# ----------------------------------------------------------------------------------------------------------- kernels
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts calls into the Triton attention kernels, so a test can show the kernel path actually ran."""
+    calls = {"flash_attention": 0, "flash_attention_varlen": 0}
+    for name in calls:
+        original = getattr(kernels.attention, name)
+
+        def counted(*args, _name=name, _original=original, **kwargs):
+            calls[_name] += 1
+            return _original(*args, **kwargs)
+
+        monkeypatch.setattr(kernels.attention, name, counted)
+    previous = get_attention_backend()
+    yield calls
+    set_attention_backend(previous)
+
+
+def test_vision_tower_varlen_kernel_matches_sdpa(untied, kernel_calls):
+    """Window and frame blocks as packed sequences through one varlen kernel launch each == SDPA over the
+    block-diagonal mask: features, and gradients to the pixels and to a block's qkv weight."""
+    _, ours, _ = untied
+    torch.manual_seed(13)
+    grid = torch.tensor([GRIDS["wide"], GRIDS["tall"]])
+    pixels = torch.randn(int(grid.prod(-1).sum()), 1176)
+    weight = torch.randn(23, 64)
+    results = {}
+    for backend in ("sdpa", "triton"):
+        set_attention_backend(backend)
+        x = pixels.clone().requires_grad_()
+        qkv = ours.visual.blocks[1].attn.qkv.weight
+        out = ours.visual(x, grid)
+        results[backend] = (out, *torch.autograd.grad((out * weight).sum(), (x, qkv)))
+    assert kernel_calls["flash_attention_varlen"] == ours.config.vision.depth
+    for got, want in zip(results["triton"], results["sdpa"]):
+        assert rel_err(got, want) <= 1e-5
+
+
+def test_log_prob_path_without_pad_states(untied, kernel_calls):
+    """pad_states=False (GRPO's log-prob forward): a right-padded batch runs unmasked causal attention, i.e. the
+    flash kernels, and real tokens keep the masked path's values; log-prob gradients agree across backends; a
+    left-padded batch keeps the mask. The fused and naive log-prob paths agree in values and gradients."""
+    _, ours, _ = untied
+    batch = make_batch([(["tall"], 4), (["tall"], 4)], seed=14, right_pad_last=3)
+    batch["attention_mask"][0, -3:-1] = 1
+    ids, mask = batch["input_ids"], batch["attention_mask"]
+    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
+    real = mask.bool()
+    targets = ids[:, 1:]
+    with torch.no_grad():
+        want = ours.forward_hidden(ids, attention_mask=mask, **images)
+    q_proj = ours.language_model.layers[1].self_attn.q_proj.weight
+    results = {}
+    for backend in ("sdpa", "triton"):
+        set_attention_backend(backend)
+        hidden = ours.forward_hidden(ids, attention_mask=mask, pad_states=False, **images)
+        assert rel_err(hidden[real], want[real]) <= 1e-5, backend
+        results[backend] = {}
+        for fused in (True, False):
+            ours.fused_logprobs = fused
+            lp = ours.token_logprobs(hidden[:, :-1], targets)
+            grad = torch.autograd.grad((lp * real[:, 1:]).sum(), q_proj, retain_graph=True)[0]
+            results[backend][fused] = (lp[real[:, 1:]], grad)
+        ours.fused_logprobs = True
+    assert kernel_calls["flash_attention"] == ours.config.text.num_hidden_layers  # the one triton forward
+    for backend, fused in (("sdpa", False), ("triton", True), ("triton", False)):
+        for got, ref in zip(results[backend][fused], results["sdpa"][True]):
+            assert rel_err(got, ref) <= 1e-5, (backend, fused)
+
+    left = make_batch([(["tall"], 4), ([], 2)], seed=15)
+    not_left_pad = left["attention_mask"].cumsum(1) > 0
+    with torch.no_grad():
+        a = ours.forward_hidden(left["input_ids"], **ours_kwargs(left))
+        b = ours.forward_hidden(left["input_ids"], pad_states=False, **ours_kwargs(left))
+    assert torch.equal(a[not_left_pad], b[not_left_pad])
 
 
 # ----------------------------------------------------------------------------------------------------------- loading

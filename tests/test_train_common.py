@@ -5,7 +5,8 @@ from dataclasses import dataclass
 import pytest
 import torch
 
-from train.common import (MetricsLogger, NonFiniteGuard, latest_checkpoint, load_checkpoint_state, option,
+from model.layers import get_attention_backend
+from train.common import (MetricsLogger, NonFiniteGuard, build_uae, latest_checkpoint, load_checkpoint_state, option,
                           parse_options, rng_state, save_checkpoint, set_rng_state)
 
 
@@ -97,3 +98,12 @@ def test_reduce_stats_mean_min_max():
                         {"loss": 3.0, "ratio_min": 0.8, "ratio_max": 1.05}])
     assert got == {"loss": 2.0, "ratio_min": 0.8, "ratio_max": 1.1}
     assert reduce_stats([]) == {}
+
+
+def test_build_uae_refuses_triton_attention_without_cuda_or_interpreter(monkeypatch):
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    with pytest.raises(ValueError, match="--attention triton needs a CUDA device"):
+        build_uae("", 0, torch.float32, torch.device("cpu"), "triton")
+    with pytest.raises(ValueError, match="attention backend must be one of"):
+        build_uae("", 0, torch.float32, torch.device("cpu"), "flash")
+    assert get_attention_backend() == "sdpa"

@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = parse_dtype(o.dtype)
     mine = split_for_rank(o.batch_size, d, "batch_size")
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
     reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
     apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha,
                init="gaussian")

@@ -68,6 +68,7 @@ class RunOptions:
     dtype: str = option("fp32", "fp32 | bf16 model weights")
     device: str = option("auto", "auto | cpu | cuda")
     grad_checkpointing: bool = option(False, "activation checkpointing")
+    attention: str = option("sdpa", "sdpa | triton: attention backend of every model (triton: kernels/attention.py)")
     seed: int = option(0, "seed of every random draw")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
@@ -371,11 +372,16 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def build_uae(uae_path: str, seed: int, dtype: torch.dtype, device: torch.device):
+def build_uae(uae_path: str, seed: int, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
     """The UAE release at `uae_path`, or the tiny random preset when the path is empty. Frozen; scripts unfreeze
-    (or add adapters to) what they train."""
+    (or add adapters to) what they train. `attention` selects the backend of model.layers.attention."""
+    from model.layers import set_attention_backend
     from model.uae import UAE
 
+    if attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        raise ValueError(f"--attention triton needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before "
+                         "triton is imported (slow; for tests)")
+    set_attention_backend(attention)
     uae = UAE.from_pretrained(uae_path, dtype=dtype, device=device) if uae_path else UAE.tiny(seed, dtype, device)
     return uae.requires_grad_(False)
 

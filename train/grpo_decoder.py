@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{o.minibatches}")
     torch.manual_seed(o.seed)
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
     reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
     targets = [t for t in o.lora_targets.split(",") if t]
     apply_lora(uae.dit, targets, rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")

@@ -75,6 +75,7 @@ class Options(RunOptions):
     adv_clip: float = option(5.0, "advantage clamp")
     beta: float = option(0.0, "k3 KL coefficient (paper: 0.04)")
     loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
+    logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
 
 
@@ -89,7 +90,7 @@ def caption_logprobs(uae, inputs, tokens, mask, temperature):
     ids = torch.cat([inputs["input_ids"], tokens.masked_fill(~mask, uae.processor.pad_token_id)], dim=1)
     attn = torch.cat([inputs["attention_mask"], mask.long()], dim=1)
     hidden = uae.lvlm.forward_hidden(ids, attention_mask=attn, pixel_values=inputs["pixel_values"],
-                                     image_grid_thw=inputs["image_grid_thw"])
+                                     image_grid_thw=inputs["image_grid_thw"], pad_states=False)
     # Position p predicts token p+1: the caption's N tokens are predicted from positions prompt_len-1 ... +N-2.
     h = hidden[:, prompt_len - 1: prompt_len - 1 + tokens.shape[1]]
     return uae.lvlm.token_logprobs(h, tokens, temperature=temperature)
@@ -101,12 +102,15 @@ def main(argv: list[str] | None = None) -> dict:
         raise ValueError(f"--loss-norm must be sequence_mean or token_mean, got {o.loss_norm!r}")
     if o.render_noise not in ("caption", "group", "fixed"):
         raise ValueError(f"--render-noise must be caption, group or fixed, got {o.render_noise!r}")
+    if o.logprob not in ("fused", "naive"):
+        raise ValueError(f"--logprob must be fused or naive, got {o.logprob!r}")
     d = init_distributed(o.device)
     dtype = parse_dtype(o.dtype)
     n_caps = o.images_per_step * o.group_size
     mine = split_for_rank(n_caps, d, "images_per_step * group_size")
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
+    uae.lvlm.fused_logprobs = o.logprob == "fused"
     reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
     targets = [t for t in o.lora_targets.split(",") if t]
     # Adapters on the text decoder only (the vision tower's MLP shares the projection names).

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> dict:
     if o.fsdp and o.lora_rank > 0:
         raise ValueError("--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device)
+    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
     if o.lora_rank > 0:
         apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
         params = lora_parameters(uae.dit)
