@@ -1,6 +1,6 @@
 """Every GPU check of issue 7 and the stage-3 benchmark of issue 6 in one command, within a time budget.
 
-1. pytest of the kernels and the CUDA-graph decoder on the GPU (tests/test_kernels_*.py, tests/test_graph_decode.py)
+1. pytest of the kernels, the CUDA-graph decoder and the models' kernel paths on the GPU (TESTS below)
 2. bench/attention.py, bench/logprob.py, bench/generate.py, bench/grpo_decoder_step.py (SD3.5-medium with the SDPA
    and Triton attention backends, SD3.5-large with SDPA; both backends for large too without --quick)
 Each runs as its own process (a crash or out-of-memory loses one step, not the run) under a timeout cut to what is
@@ -33,7 +33,9 @@ import common
 
 BENCH = Path(__file__).resolve().parent
 ROOT = BENCH.parent
-TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_logprob.py", "tests/test_graph_decode.py"]
+TESTS = ["tests/test_kernels_attention.py", "tests/test_kernels_logprob.py", "tests/test_graph_decode.py",
+         "tests/test_layers.py", "tests/test_qwen2_5_vl.py::test_vision_tower_varlen_kernel_matches_sdpa",
+         "tests/test_qwen2_5_vl.py::test_log_prob_path_without_pad_states"]
 
 
 def steps(args) -> list[tuple[str, list[str], float]]:

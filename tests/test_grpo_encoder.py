@@ -126,7 +126,8 @@ def test_two_processes_equal_one(tmp_path):
 def test_kernel_paths_give_the_same_run(tmp_path):
     """--attention triton (every model's attention through kernels/attention.py, the interpreter here) and
     --logprob naive (logits + log_softmax) train the same as the defaults (SDPA, fused log-probs)."""
-    args = FAST + ["--steps", "2", "--save-every", "2"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest.py)
+    args = FAST[:-2] + ["--device", device, "--steps", "2", "--save-every", "2"]
     ge.main(args + ["--out", str(tmp_path / "default")])
     try:
         ge.main(args + ["--attention", "triton", "--logprob", "naive", "--out", str(tmp_path / "kernels")])

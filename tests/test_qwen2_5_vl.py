@@ -1,6 +1,7 @@
 """model/qwen2_5_vl.py against transformers 5.24 Qwen2_5_VLForConditionalGeneration (fp32, tiny random models saved
 with save_pretrained): config parsing, vision tower, M-RoPE positions, logits / hidden states, greedy and sampled
 generation, the static KV cache against uncached forwards, loading (both key spellings, shards, bf16) and errors."""
+import copy
 import json
 import math
 import shutil
@@ -420,9 +421,14 @@ def test_gradient_checkpointing_same_values_and_grads(untied):
 
 # ----------------------------------------------------------------------------------------------------------- kernels
 
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: Triton's interpreter (conftest.py)
+
+
 @pytest.fixture
 def kernel_calls(monkeypatch):
     """Counts calls into the Triton attention kernels, so a test can show the kernel path actually ran."""
+    if KERNEL_DEVICE == "cpu" and not kernels.attention._INTERPRET:
+        pytest.skip("no CUDA and triton was imported without TRITON_INTERPRET=1")
     calls = {"flash_attention": 0, "flash_attention_varlen": 0}
     for name in calls:
         original = getattr(kernels.attention, name)
@@ -440,11 +446,11 @@ def kernel_calls(monkeypatch):
 def test_vision_tower_varlen_kernel_matches_sdpa(untied, kernel_calls):
     """Window and frame blocks as packed sequences through one varlen kernel launch each == SDPA over the
     block-diagonal mask: features, and gradients to the pixels and to a block's qkv weight."""
-    _, ours, _ = untied
+    ours = copy.deepcopy(untied[1]).to(KERNEL_DEVICE)
     torch.manual_seed(13)
-    grid = torch.tensor([GRIDS["wide"], GRIDS["tall"]])
-    pixels = torch.randn(int(grid.prod(-1).sum()), 1176)
-    weight = torch.randn(23, 64)
+    grid = torch.tensor([GRIDS["wide"], GRIDS["tall"]], device=KERNEL_DEVICE)
+    pixels = torch.randn(int(grid.prod(-1).sum()), 1176, device=KERNEL_DEVICE)
+    weight = torch.randn(23, 64, device=KERNEL_DEVICE)
     results = {}
     for backend in ("sdpa", "triton"):
         set_attention_backend(backend)
@@ -461,9 +467,10 @@ def test_log_prob_path_without_pad_states(untied, kernel_calls):
     """pad_states=False (GRPO's log-prob forward): a right-padded batch runs unmasked causal attention, i.e. the
     flash kernels, and real tokens keep the masked path's values; log-prob gradients agree across backends; a
     left-padded batch keeps the mask. The fused and naive log-prob paths agree in values and gradients."""
-    _, ours, _ = untied
+    ours = copy.deepcopy(untied[1]).to(KERNEL_DEVICE)
     batch = make_batch([(["tall"], 4), (["tall"], 4)], seed=14, right_pad_last=3)
     batch["attention_mask"][0, -3:-1] = 1
+    batch = {k: v.to(KERNEL_DEVICE) for k, v in batch.items()}
     ids, mask = batch["input_ids"], batch["attention_mask"]
     images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
     real = mask.bool()
@@ -488,7 +495,7 @@ def test_log_prob_path_without_pad_states(untied, kernel_calls):
         for got, ref in zip(results[backend][fused], results["sdpa"][True]):
             assert rel_err(got, ref) <= 1e-5, (backend, fused)
 
-    left = make_batch([(["tall"], 4), ([], 2)], seed=15)
+    left = {k: v.to(KERNEL_DEVICE) for k, v in make_batch([(["tall"], 4), ([], 2)], seed=15).items()}
     not_left_pad = left["attention_mask"].cumsum(1) > 0
     with torch.no_grad():
         a = ours.forward_hidden(left["input_ids"], **ours_kwargs(left))
