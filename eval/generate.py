@@ -11,17 +11,14 @@ from pathlib import Path
 
 import torch
 
-from eval.model_args import add_model_args, load_model
+from eval.model_args import add_model_args, add_sampling_args, load_model
 
 
 def main(argv=None) -> list[Path]:
     p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0])
     p.add_argument("prompts", nargs="+", help="text prompts (one image each)")
     p.add_argument("--out", default="generated.png", help="output PNG; with several prompts, _0, _1, ... are added")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
+    add_sampling_args(p)
     add_model_args(p)
     a = p.parse_args(argv)
     uae = load_model(a)

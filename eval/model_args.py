@@ -25,6 +25,15 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0)
 
 
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """Decoder sampling options; None keeps the model's UAESettings (the release: 1024 px, 40 steps, CFG 5)."""
+    g = p.add_argument_group("sampling (default: the model's settings)")
+    g.add_argument("--height", type=int, default=None)
+    g.add_argument("--width", type=int, default=None)
+    g.add_argument("--steps", type=int, default=None)
+    g.add_argument("--guidance-scale", type=float, default=None)
+
+
 def load_model(args):
     """Build the UAE the options describe; a missing or broken part exits with the loader's message."""
     from model.uae import UAE

@@ -12,17 +12,14 @@ from pathlib import Path
 
 import torch
 
-from eval.model_args import add_model_args, load_model, open_image
+from eval.model_args import add_model_args, add_sampling_args, load_model, open_image
 
 
 def main(argv=None) -> list[tuple[str, Path]]:
     p = argparse.ArgumentParser(prog="python -m eval.reconstruct", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files")
     p.add_argument("--out", default="recon", help="output folder")
-    p.add_argument("--height", type=int, default=None)
-    p.add_argument("--width", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None)
-    p.add_argument("--guidance-scale", type=float, default=None)
+    add_sampling_args(p)
     add_model_args(p)
     a = p.parse_args(argv)
     images = [open_image(f) for f in a.images]
