@@ -6,8 +6,10 @@ decoder and a CLIP ViT-L/14 reward, all random-initialised on the GPU. One sourc
 is replaced by cached captions: random connector outputs, 512 context tokens of width 4096 (gpu-baselines.md).
   sampling: the rollout (10 guided DiT forwards of batch 2G, no grad)
   reward:   VAE decode of the G final latents, CLIP features of source and reconstructions, group advantages
-  training: per trained step, the policy forward+backward and the adapters-off reference forward (KL), then clip
-            and AdamW (train/grpo_decoder.py: one backward per step, gradients accumulated)
+  training: per trained step, the policy forward+backward (CFG, unconditional branch detached) and the
+            reference forward, the adapter off (KL, beta 0.04), then clip and AdamW
+The rollout and the update are train/grpo_decoder.py's own functions (`rollout`, `train_minibatch`), called with
+the script's paper options, so this times exactly what the script runs (one minibatch per step here).
 Activation checkpointing of the DiT blocks is on by default (off, SD3.5-large at batch 16 does not fit on 80 GB).
 A short step (2 denoising steps) warms up first; the timed step is the full one. Peak memory is
 torch.cuda.max_memory_allocated over the timed step; images/s counts the G generated images.
@@ -28,21 +30,21 @@ import torch  # noqa: E402
 from common import on, sync  # noqa: E402
 from eval.reward import ReconstructionReward, clip_backbone  # noqa: E402
 from model.clip import CLIP, CLIPConfig  # noqa: E402
-from model.flow import flow_sigmas, sde_step_with_logprob  # noqa: E402
+from model.flow import flow_sigmas  # noqa: E402
 from model.layers import set_attention_backend  # noqa: E402
-from model.lora import apply_lora, lora_disabled, lora_parameters  # noqa: E402
+from model.lora import apply_lora, lora_parameters  # noqa: E402
 from model.mmdit import MMDiT, MMDiTConfig  # noqa: E402
+from model.uae import DIT_LORA_TARGETS, dit_velocity  # noqa: E402
 from model.vae import VAE, VAEConfig  # noqa: E402
-from train.rl import flow_grpo_loss, group_advantages  # noqa: E402
-
-LORA_TARGETS = ["to_q", "to_k", "to_v", "to_out.0", "add_q_proj", "add_k_proj", "add_v_proj", "to_add_out"]
+from train import grpo_decoder as gd  # noqa: E402
+from train.rl import group_advantages  # noqa: E402
 
 
 class Pieces:
     def __init__(self, preset: str, smoke: bool, device, dtype, grad_ckpt: bool):
         self.dit = on(device, dtype, lambda: MMDiT(MMDiTConfig.preset(preset)))
         self.dit.requires_grad_(False)
-        apply_lora(self.dit, LORA_TARGETS, rank=32, alpha=64.0, init="gaussian")
+        apply_lora(self.dit, DIT_LORA_TARGETS.split(","), rank=32, alpha=64.0, init="gaussian")
         self.params = lora_parameters(self.dit)
         for p in self.params:  # trained adapters stay fp32 whatever the base dtype (as train/grpo_decoder.py)
             p.data = p.data.float()
@@ -53,42 +55,30 @@ class Pieces:
         self.opt = torch.optim.AdamW(self.params, lr=3e-4, weight_decay=1e-4)
         self.dtype = dtype
 
-    def velocity(self, x, sigma, context, negative, pooled, guidance):
-        dit, n = self.dit, x.shape[0]
-        t = (sigma * 1000).expand(n)
-        v = dit(torch.cat([x, x]).to(self.dtype), torch.cat([t, t]), torch.cat([negative, context]),
-                torch.cat([pooled, pooled])).float()
-        v_u, v_c = v.chunk(2)
-        return v_u + guidance * (v_c - v_u)
-
 
 def flow_grpo_step(pc: Pieces, source, context, negative, pooled, sample_steps: int, o) -> dict:
-    """One stage-3 step; returns the seconds of each phase and a few values."""
+    """One stage-3 step through train/grpo_decoder.py's functions; returns the seconds of each phase."""
     device = source.device
     g = context.shape[0]
+    opts = gd.Options(sample_steps=sample_steps, noise_level=o.noise_level, guidance_scale=o.guidance,
+                      clip_eps=1e-4, beta=0.04)
+    sde_steps = gd.trained_steps(opts)
     sigmas = flow_sigmas(sample_steps, shift=3.0).to(device)
-    sde_steps = list(range(sample_steps - 1))
     latent = (g, 16, o.size // 8, o.size // 8)
     noise = torch.randn(latent, device=device)
     step_noise = torch.randn(g, sample_steps, *latent[1:], device=device)
+    velocity = dit_velocity(pc.dit, context, pooled, negative)
     times = {}
 
     sync(device)
     t0 = time.perf_counter()
-    with torch.no_grad():  # 1. rollout
-        x, latents, old_logp = noise, [noise], []
-        for i in range(sample_steps):
-            v = pc.velocity(x, sigmas[i], context, negative, pooled, o.guidance)
-            level = o.noise_level if i in sde_steps else 0.0
-            x, logp, _, _ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], level, noise=step_noise[:, i])
-            latents.append(x)
-            old_logp.append(logp)
+    traj = gd.rollout(velocity, noise, step_noise, sigmas, opts, sde_steps, o.guidance)  # 1. rollout
     sync(device)
     times["sampling_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     with torch.no_grad():  # 2. reward
-        recon = pc.vae.decode(pc.vae.from_model_latents(x.to(pc.dtype))).float()
+        recon = pc.vae.decode(pc.vae.from_model_latents(traj.latents[:, -1].to(pc.dtype))).float()
         rewards = pc.reward(source.expand(g, -1, -1, -1), recon)
         advantages = group_advantages(rewards, g, clip=5.0)
     sync(device)
@@ -96,22 +86,13 @@ def flow_grpo_step(pc: Pieces, source, context, negative, pooled, sample_steps: 
 
     t0 = time.perf_counter()
     pc.opt.zero_grad(set_to_none=True)  # 3. policy update
-    for j in sde_steps:
-        xj, x_next = latents[j], latents[j + 1]
-        v = pc.velocity(xj, sigmas[j], context, negative, pooled, o.guidance)
-        _, logp, mean, std = sde_step_with_logprob(v, xj, sigmas[j], sigmas[j + 1], o.noise_level,
-                                                   prev_sample=x_next)
-        with torch.no_grad(), lora_disabled(pc.dit):
-            v_ref = pc.velocity(xj, sigmas[j], context, negative, pooled, o.guidance)
-            _, _, mean_ref, _ = sde_step_with_logprob(v_ref, xj, sigmas[j], sigmas[j + 1], o.noise_level,
-                                                      prev_sample=x_next)
-        loss, _ = flow_grpo_loss(logp, old_logp[j], advantages, mean, mean_ref, std, 1e-4, 0.04)
-        (loss / len(sde_steps)).backward()
+    stats = gd.train_minibatch(pc.dit, velocity, traj, torch.arange(g, device=device), advantages, opts, sde_steps,
+                               o.guidance)
     torch.nn.utils.clip_grad_norm_(pc.params, 1.0)
     pc.opt.step()
     sync(device)
     times["training_s"] = time.perf_counter() - t0
-    times["finite"] = bool(torch.isfinite(rewards).all() and torch.isfinite(loss))
+    times["finite"] = bool(torch.isfinite(rewards).all() and all(torch.isfinite(s["loss"]) for s in stats))
     return times
 
 

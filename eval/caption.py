@@ -1,6 +1,7 @@
-"""Caption images with UAE's encoder (Qwen2.5-VL), using the Unified-Bench prompt by default.
+"""Caption images with UAE's encoder (Qwen2.5-VL), using the released demo's prompt by default.
 
     python -m eval.caption photo.jpg other.png --uae ckpt/UAE            # prints one caption per image
+    python -m eval.caption photo.jpg --uae ckpt/UAE --run runs/grpo_encoder --prompt bench
     python -m eval.caption photo.jpg --tiny --out captions.json
 """
 from __future__ import annotations
@@ -12,13 +13,13 @@ from pathlib import Path
 
 import torch
 
-from eval.model_args import add_model_args, load_model, open_image
+from eval.model_args import add_model_args, add_prompt_arg, caption_prompt, load_model, open_image
 
 
 def main(argv=None) -> dict[str, str]:
     p = argparse.ArgumentParser(prog="python -m eval.caption", description=__doc__.split("\n\n")[0])
     p.add_argument("images", nargs="+", help="image files")
-    p.add_argument("--prompt", default=None, help="caption prompt (default: the Unified-Bench prompt)")
+    add_prompt_arg(p, "demo")
     p.add_argument("--max-new-tokens", type=int, default=None)
     p.add_argument("--temperature", type=float, default=None, help="default 0.7 (released); 0 = greedy")
     p.add_argument("--out", default=None, help="write {image: caption} JSON here")
@@ -26,7 +27,7 @@ def main(argv=None) -> dict[str, str]:
     a = p.parse_args(argv)
     images = [open_image(f) for f in a.images]
     uae = load_model(a)
-    kw = {"prompt": a.prompt} if a.prompt else {}
+    kw = {"prompt": caption_prompt(a.prompt)}
     if a.temperature == 0:
         kw["do_sample"] = False
     elif a.temperature is not None:

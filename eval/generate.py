@@ -1,6 +1,7 @@
 """Generate images from text prompts with UAE's decoder (released defaults: 1024 px, 40 steps, CFG 5).
 
     python -m eval.generate "a red fox in the snow" --uae ckpt/UAE --out fox.png
+    python -m eval.generate "a red fox in the snow" --uae ckpt/UAE --run runs/grpo_decoder --out fox.png
     python -m eval.generate "a red fox" --tiny --out fox.png
 """
 from __future__ import annotations

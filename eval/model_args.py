@@ -1,4 +1,6 @@
-"""Command-line options that pick a UAE model, shared by the eval tools."""
+"""Command-line options that pick a UAE model, shared by the eval tools: a release folder, plain parts or the tiny
+preset, optionally with a training run's result on top (`--run`: the `model/` handoff of its latest checkpoint,
+model/handoff.py; the EMA of its newest DiT adapter unless --no-ema)."""
 from __future__ import annotations
 
 import argparse
@@ -20,6 +22,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--llm-lora", default=None, help="LVLM LoRA (release llm_lora/ layout)")
     g.add_argument("--dit-lora", default=None, help="DiT LoRA (PEFT adapter folder)")
     g.add_argument("--tiny", action="store_true", help="the tiny random model (CPU demo; output is noise)")
+    g.add_argument("--run", default=None, help="a training run folder (its latest checkpoint) or a checkpoint "
+                                               "folder: the model that run ended with, on the base model the "
+                                               "options above give (the same as the run's)")
+    g.add_argument("--no-ema", action="store_true", help="with --run: the trained DiT adapter itself instead of "
+                                                         "its EMA (runs of train/grpo_decoder.py keep both)")
     g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
     g.add_argument("--seed", type=int, default=0)
@@ -34,8 +41,22 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance-scale", type=float, default=None)
 
 
+def add_prompt_arg(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument("--prompt", default=default,
+                   help="caption prompt: 'bench' (Unified-Bench's: an accurate, comprehensive description a generator "
+                        "can redraw the image from), 'demo' (the released demo's), or the prompt text itself")
+
+
+def caption_prompt(name: str) -> str:
+    from model.uae import CAPTION_PROMPT, UNIFIED_BENCH_PROMPT
+
+    return {"bench": UNIFIED_BENCH_PROMPT, "demo": CAPTION_PROMPT}.get(name, name)
+
+
 def load_model(args):
-    """Build the UAE the options describe; a missing or broken part exits with the loader's message."""
+    """Build the UAE the options describe, with --run's result on top; a missing or broken part, or a run trained
+    on another base model, exits with the loader's message."""
+    from model.handoff import base_identity, load_handoff, read_handoff
     from model.uae import UAE
     from weights import CheckpointError
 
@@ -44,14 +65,32 @@ def load_model(args):
     if args.tiny:
         if args.uae or any(parts.values()):
             sys.exit("error: --tiny takes no weights")
-        return UAE.tiny(seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
-    if not args.uae and not args.lvlm:
+    elif not args.uae and not args.lvlm:
         sys.exit("error: give --uae RELEASE_FOLDER, or --lvlm and --sd3, or --tiny")
-    print("loading model ...", file=sys.stderr, flush=True)
-    try:
-        return UAE.from_pretrained(args.uae, dtype=DTYPES[args.dtype], device=args.device, **parts)
-    except (FileNotFoundError, CheckpointError, ValueError) as e:
-        sys.exit(f"error: cannot load the model: {e}")
+    handoff = None
+    if args.run:
+        try:
+            handoff = read_handoff(args.run)
+            handoff.check_base(base_identity(tiny_seed=args.seed if args.tiny else None, uae=args.uae, **parts),
+                               what="these options")
+        except (FileNotFoundError, CheckpointError, ValueError) as e:
+            sys.exit(f"error: cannot use --run {args.run}: {e}")
+    elif args.no_ema:
+        sys.exit("error: --no-ema needs --run")
+    if args.tiny:
+        uae = UAE.tiny(seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
+    else:
+        print("loading model ...", file=sys.stderr, flush=True)
+        try:
+            uae = UAE.from_pretrained(args.uae, dtype=DTYPES[args.dtype], device=args.device, **parts)
+        except (FileNotFoundError, CheckpointError, ValueError) as e:
+            sys.exit(f"error: cannot load the model: {e}")
+    if handoff is not None:
+        try:
+            load_handoff(uae, handoff, ema=not args.no_ema)
+        except (FileNotFoundError, CheckpointError, ValueError) as e:
+            sys.exit(f"error: cannot load --run {args.run}: {e}")
+    return uae
 
 
 def open_image(path: str):

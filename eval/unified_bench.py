@@ -9,9 +9,16 @@ backbones that were scored) — a missing backbone is never silently dropped fro
     python -m eval.unified_bench score --source src/ --recon rec/ --out bench_out/ \
         --clip ckpt/clip-vit-large-patch14 --longclip ckpt/longclip-L.pt --dinov2 ckpt/dinov2-large \
         --dinov3 ckpt/dinov3-vitl16
-    # (b) the full loop on our model: caption every image with the Unified-Bench prompt, regenerate, score
+    # (b) the full loop on our model: caption every image with the Unified-Bench prompt, regenerate (the model's
+    #     released settings: 1024 px, 40 steps, CFG 5), score; --run adds a training run's result to the release
     python -m eval.unified_bench run --source src/ --out bench_out/ --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14
+    python -m eval.unified_bench run --source src/ --out bench_out/ --uae ckpt/UAE --run runs/grpo_decoder \
+        --clip ckpt/clip-vit-large-patch14
     python -m eval.unified_bench run --source src/ --out bench_out/ --tiny     # tiny random model, CPU demo
+
+The caption prompt (`--prompt bench`, model.uae.UNIFIED_BENCH_PROMPT) asks for an accurate, comprehensive description
+from which a generation model can redraw the image, as the paper's protocol does; `--prompt demo` uses the released
+demo's prompt instead.
 
 Writes `summary.json`, `scores.csv` (one row per image) and `report.html` (source, reconstruction, caption and
 scores side by side; the images are files in `images/` next to it).
@@ -193,9 +200,11 @@ def _write_html(path: Path, summary: dict, rows: list[dict]) -> None:
 {''.join(body)}</table></body></html>""")
 
 
-def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[str, Backbone], size: int,
-             steps: int, guidance_scale: float, seed: int) -> dict:
-    """Caption every source image with the Unified-Bench prompt, regenerate it from the caption, and score."""
+def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[str, Backbone], prompt: str,
+             height: int | None, width: int | None, steps: int | None, guidance_scale: float | None,
+             seed: int) -> dict:
+    """Caption every source image with `prompt`, regenerate it from the caption (None: the model's settings), and
+    score. Image i's caption and reconstruction draw from one generator seeded seed + i."""
     out_dir = Path(out_dir)
     recon_dir = out_dir / "recon"
     recon_dir.mkdir(parents=True, exist_ok=True)
@@ -210,8 +219,8 @@ def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[s
             print(f"warning: skipping {f.name}: {e}", file=sys.stderr)
             continue
         gen = torch.Generator().manual_seed(seed + i)
-        caption = uae.caption([img], generator=gen)[0]
-        recon = uae.generate([caption], height=size, width=size, steps=steps, guidance_scale=guidance_scale,
+        caption = uae.caption([img], prompt=prompt, generator=gen)[0]
+        recon = uae.generate([caption], height=height, width=width, steps=steps, guidance_scale=guidance_scale,
                              generator=gen)[0]
         recon.save(recon_dir / f"{RECON_PREFIX}{f.stem}.png")
         captions[f.stem] = caption
@@ -224,6 +233,8 @@ def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[s
 
 
 def main(argv: list[str] | None = None) -> dict:
+    from eval.model_args import add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, load_model
+
     p = argparse.ArgumentParser(prog="python -m eval.unified_bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -234,30 +245,27 @@ def main(argv: list[str] | None = None) -> dict:
         s.add_argument("--out", required=True, help="output folder (summary.json, scores.csv, report.html)")
         for b in BACKBONES:
             s.add_argument(f"--{b}", default=None, help=f"{b} weights (missing backbones are reported as missing)")
-        s.add_argument("--device", default="cpu")
         s.add_argument("--batch-size", type=int, default=16)
         if name == "score":
             s.add_argument("--recon", required=True, help="folder of reconstructions (same names or recon_ prefix)")
+            s.add_argument("--device", default="cpu")
         else:
-            s.add_argument("--uae", default=None, help="UAE release folder (see model/uae.py)")
-            s.add_argument("--tiny", action="store_true", help="use the tiny random model (CPU demo)")
-            s.add_argument("--size", type=int, default=1024)
-            s.add_argument("--steps", type=int, default=40)
-            s.add_argument("--guidance-scale", type=float, default=5.0)
-            s.add_argument("--seed", type=int, default=0)
+            add_prompt_arg(s, "bench")
+            add_sampling_args(s)
+            add_model_args(s)
     a = p.parse_args(argv)
-    backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
+    if a.command == "score":
+        backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
+    else:
+        uae = load_model(a)
+        backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
     if not backbones:
         print("warning: no backbone weights given; every backbone will be reported as missing", file=sys.stderr)
     if a.command == "score":
         summary = score_pairs(pair_folders(a.source, a.recon), backbones, a.out, batch_size=a.batch_size)
     else:
-        from model.uae import UAE
-
-        if a.tiny == bool(a.uae):
-            p.error("run needs exactly one of --uae PATH or --tiny")
-        uae = UAE.tiny(seed=a.seed) if a.tiny else UAE.from_pretrained(a.uae, device=a.device)
-        summary = run_loop(uae, a.source, a.out, backbones, a.size, a.steps, a.guidance_scale, a.seed)
+        summary = run_loop(uae, a.source, a.out, backbones, caption_prompt(a.prompt), a.height, a.width, a.steps,
+                           a.guidance_scale, a.seed)
     print(json.dumps({k: summary[k] for k in ("n_pairs", "backbones", "missing_backbones", "overall",
                                               "overall_partial")}, indent=2))
     return summary

@@ -6,14 +6,27 @@ so a fresh adapter leaves the model unchanged (peft 0.21 `LoraLayer.update_layer
   init="gaussian" -> A ~ N(0, std=1/r), peft's init_lora_weights="gaussian" (the UAE setting)
 
 In-memory parameter names follow peft's (`<path>.base_layer.weight`, `<path>.lora_A.<adapter>.weight`) so whole-model
-state dicts line up with a peft model's minus its `base_model.model.` prefix. One adapter per model is supported.
+state dicts line up with a peft model's minus its `base_model.model.` prefix.
+
+Stacked adapters. One adapter is active (trainable); any number of frozen ones may lie under it. `freeze_lora` makes
+the active adapter part of the base, and the next `apply_lora` / `load_lora` wraps a frozen LoRALinear as it would the
+nn.Linear at that path: active(frozen(frozen(Linear))) computes W x + b + s1 B1 A1 x + s2 B2 A2 x + s3 B3 A3 x, peft's
+sum over several active adapters. A training stage thus starts from the release adapter and earlier stages' adapters
+unmerged: merging into bf16 weights would round each delta to the weights' bf16 spacing, so the stage would not start
+from the model that was trained. Only `freeze_lora`, `frozen_lora_layers` and `unwrap_lora` (fold or drop every level)
+see frozen adapters; every other function acts on the active one (`lora_disabled`: the newest adapter off, older ones
+on, the RL reference policy; `save_lora` writes the active adapter under the outer wrapper's path, so the file loads
+with or without the frozen stack). Frozen levels' names gain one `base_layer.` per level above them
+(`<path>.base_layer.lora_A.default.weight`, `<path>.base_layer.base_layer.weight`).
 
 Target patterns (`targets`), as peft's `target_modules` (peft.tuners.tuners_utils.check_target_module_exists):
   - a list of names: a module matches when its dotted path equals a name or ends with "." + name
     (["to_q", "to_v"] hits every `...to_q`/`...to_v`; "blocks.0.attn.to_q" hits that one module);
   - one string: a regular expression that must match the whole dotted path (re.fullmatch).
   peft's special value "all-linear" is not supported. Every pattern must match at least one module, and every
-  matched module must be an nn.Linear.
+  matched module must be an nn.Linear or a frozen LoRALinear; a frozen LoRALinear counts as the Linear at its path
+  and its insides (`base_layer`, `lora_A.default`, ...) are never targets, so the same targets select the same
+  paths with or without a frozen stack.
 
 Files. `save_lora` writes a PEFT adapter folder: `adapter_config.json` + `adapter_model.safetensors` with keys
 `base_model.model.<path>.lora_A.weight` / `.lora_B.weight` (peft's `get_peft_model_state_dict` drops the adapter
@@ -43,7 +56,7 @@ from weights import CheckpointError, open_checkpoint, save_safetensors
 
 __all__ = [
     "LoRALinear", "apply_lora", "lora_layers", "set_lora_enabled", "lora_disabled", "merge_lora", "unmerge_lora",
-    "lora_parameters", "lora_state_dict", "save_lora", "load_lora",
+    "lora_parameters", "lora_state_dict", "save_lora", "load_lora", "freeze_lora", "frozen_lora_layers", "unwrap_lora",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -67,14 +80,21 @@ class LoRALinear(nn.Module):
 
     The adapter weights live in `dtype` (default: the base weight's dtype, as peft does); the input is cast to it
     and the update cast back to the base output's dtype (peft's LoRA `Linear.forward`).
+
+    `base` may also be a frozen LoRALinear (a stacked adapter, see the module docstring); `in_features`,
+    `out_features` and `weight` are those of the innermost nn.Linear, so a frozen LoRALinear stands in for it.
     """
 
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, init: str = "gaussian",
-                 adapter_name: str = "default", dtype: torch.dtype | None = None):
+    def __init__(self, base: nn.Linear | LoRALinear, rank: int, alpha: float, dropout: float = 0.0,
+                 init: str = "gaussian", adapter_name: str = "default", dtype: torch.dtype | None = None):
         super().__init__()
         _check_hparams(rank, alpha, dropout, init, adapter_name)
-        if not isinstance(base, nn.Linear):
-            raise TypeError(f"base must be an nn.Linear, got {type(base).__name__}")
+        if isinstance(base, LoRALinear):
+            if not base.frozen:
+                raise ValueError(f"base is an active LoRALinear ({base.extra_repr()}); freeze_lora it first to stack "
+                                 "a new adapter on it")
+        elif not isinstance(base, nn.Linear):
+            raise TypeError(f"base must be an nn.Linear or a frozen LoRALinear, got {type(base).__name__}")
         self.base_layer = base.requires_grad_(False)
         self.adapter_name = adapter_name
         self.rank, self.alpha, self.init = rank, alpha, init
@@ -88,7 +108,28 @@ class LoRALinear(nn.Module):
         self.lora_dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
         self.enabled = True
         self.merged = False
+        self.frozen = False
         self.reset_lora_parameters()
+
+    @property
+    def linear(self) -> nn.Linear:
+        """The innermost nn.Linear, below every stacked level."""
+        m = self.base_layer
+        while isinstance(m, LoRALinear):
+            m = m.base_layer
+        return m
+
+    @property
+    def in_features(self) -> int:
+        return self.linear.in_features
+
+    @property
+    def out_features(self) -> int:
+        return self.linear.out_features
+
+    @property
+    def weight(self) -> nn.Parameter:
+        return self.linear.weight
 
     @property
     def A(self) -> nn.Linear:
@@ -117,26 +158,48 @@ class LoRALinear(nn.Module):
         """scaling * B @ A in fp32 (peft upcasts low-precision weights for the product too)."""
         return (self.B.weight.float() @ self.A.weight.float()) * self.scaling
 
+    # merge/unmerge touch the innermost weight: every level is linear in x, so a delta folded there adds the same
+    # function whatever frozen levels lie between.
     @torch.no_grad()
     def merge(self) -> None:
+        self._check_not_frozen("merge")
         if self.merged:
             raise ValueError("LoRA adapter is already merged into the base weight; unmerge first")
         if not self.enabled:
             raise ValueError("cannot merge a disabled LoRA adapter; enable it first")
-        w = self.base_layer.weight
+        w = self.weight
         w += self.delta_weight().to(w.dtype)
         self.merged = True
 
     @torch.no_grad()
     def unmerge(self) -> None:
+        self._check_not_frozen("unmerge")
         if not self.merged:
             raise ValueError("LoRA adapter is not merged")
-        w = self.base_layer.weight
+        w = self.weight
         w -= self.delta_weight().to(w.dtype)
         self.merged = False
 
+    def freeze(self) -> None:
+        """Make this adapter part of the base: it keeps computing its update, unmerged, and trains no more."""
+        if self.frozen:
+            raise ValueError("LoRA adapter is already frozen")
+        if self.merged:
+            raise ValueError("cannot freeze a merged LoRA adapter (its delta is already in the weight); "
+                             "unmerge it first")
+        if not self.enabled:
+            raise ValueError("cannot freeze a disabled LoRA adapter (a frozen one is always on); enable it first")
+        self.requires_grad_(False)
+        self.frozen = True
+
+    def _check_not_frozen(self, what: str) -> None:
+        if self.frozen:
+            raise ValueError(f"cannot {what} a frozen LoRA adapter: it is part of the base; "
+                             "unwrap_lora(merge=True) folds every level")
+
     def extra_repr(self) -> str:
-        return f"adapter={self.adapter_name!r}, r={self.rank}, alpha={self.alpha}, init={self.init}"
+        return (f"adapter={self.adapter_name!r}, r={self.rank}, alpha={self.alpha}, init={self.init}"
+                + (", frozen" if self.frozen else ""))
 
 
 def _check_hparams(rank, alpha, dropout, init, adapter_name) -> None:
@@ -153,14 +216,42 @@ def _check_hparams(rank, alpha, dropout, init, adapter_name) -> None:
 
 
 def lora_layers(module: nn.Module) -> dict[str, LoRALinear]:
-    """{dotted path: LoRALinear} for every wrapped linear in `module`, in module order."""
-    return {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear)}
+    """{dotted path: LoRALinear} for every active (not frozen) wrapped linear in `module`, in module order."""
+    return {name: m for name, m in module.named_modules() if isinstance(m, LoRALinear) and not m.frozen}
+
+
+def _visible_modules(module: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """named_modules() without the insides of LoRALinear stacks: the paths of the unwrapped model, each wrapped
+    path yielding its outermost LoRALinear."""
+    inside = None
+    for name, sub in module.named_modules():
+        if inside is not None and name.startswith(inside):
+            continue
+        inside = None
+        if isinstance(sub, LoRALinear):
+            inside = name + "." if name else ""
+        yield name, sub
+
+
+def frozen_lora_layers(module: nn.Module) -> dict[str, LoRALinear]:
+    """{dotted path: outermost frozen LoRALinear at that path} in module order. The path is where the nn.Linear sat
+    (the path targets name), also when an active adapter wraps the frozen stack."""
+    out = {}
+    for name, sub in _visible_modules(module):
+        while isinstance(sub, LoRALinear) and not sub.frozen:
+            sub = sub.base_layer
+        if isinstance(sub, LoRALinear):
+            out[name] = sub
+    return out
 
 
 def _require_layers(module: nn.Module) -> dict[str, LoRALinear]:
     layers = lora_layers(module)
     if not layers:
-        raise ValueError(f"{type(module).__name__} has no LoRA layers; call apply_lora or load_lora first")
+        frozen = frozen_lora_layers(module)
+        raise ValueError(f"{type(module).__name__} has no LoRA layers"
+                         + (f" besides {len(frozen)} frozen one(s), which count as base weights" if frozen else "")
+                         + "; call apply_lora or load_lora first")
     return layers
 
 
@@ -180,13 +271,16 @@ def _resolve_targets(module: nn.Module, targets: str | Sequence[str]) -> list[st
         matches = lambda name: [p for p in patterns if name == p or name.endswith("." + p)]  # noqa: E731
     hit: set[str] = set()
     names = []
-    for name, sub in module.named_modules():
+    for name, sub in _visible_modules(module):
         found = matches(name) if name else []
         if not found:
             continue
-        if not isinstance(sub, nn.Linear):
+        if isinstance(sub, LoRALinear) and not sub.frozen:
+            raise ValueError(f"target pattern(s) {found} match {name!r}, which already has an active LoRA adapter; "
+                             "freeze_lora first to stack a new one on it")
+        if not isinstance(sub, (nn.Linear, LoRALinear)):
             raise ValueError(f"target pattern(s) {found} match module {name!r} of type {type(sub).__name__}; "
-                             "LoRA wraps only nn.Linear")
+                             "LoRA wraps only nn.Linear (or a frozen LoRALinear)")
         hit.update(found)
         names.append(name)
     unmatched = [p for p in patterns if p not in hit]
@@ -199,12 +293,13 @@ def apply_lora(module: nn.Module, targets: str | Sequence[str], rank: int, alpha
                init: str = "gaussian", adapter_name: str = "default",
                dtype: torch.dtype | None = None) -> list[str]:
     """Wrap the nn.Linear modules `targets` selects in LoRALinear, in place, and freeze every other parameter of
-    `module` (peft's `get_peft_model` leaves only adapter weights trainable). Returns the wrapped paths."""
+    `module` (peft's `get_peft_model` leaves only adapter weights trainable). A frozen LoRALinear is wrapped as the
+    Linear at its path would be (a stacked adapter). Returns the wrapped paths."""
     _check_hparams(rank, alpha, dropout, init, adapter_name)
     existing = lora_layers(module)
     if existing:
         raise ValueError(f"{type(module).__name__} already has LoRA layers ({next(iter(existing))!r}, ...); "
-                         "one adapter per model is supported")
+                         "one active adapter per model is supported: freeze_lora it to stack a new one on top")
     names = _resolve_targets(module, targets)
     module.requires_grad_(False)
     for name in names:
@@ -214,8 +309,61 @@ def apply_lora(module: nn.Module, targets: str | Sequence[str], rank: int, alpha
     return names
 
 
+def freeze_lora(module: nn.Module) -> list[str]:
+    """Freeze every active adapter of `module` into the base (see the module docstring): it keeps computing its
+    update unmerged, its A and B stop training, and from then on only frozen_lora_layers and unwrap_lora see it.
+    Refuses merged or disabled adapters, freezing none. Returns the frozen paths ([] when there is no active one)."""
+    layers = lora_layers(module)
+    bad = [n for n, m in layers.items() if m.merged or not m.enabled]
+    if bad:
+        raise ValueError(f"cannot freeze merged or disabled LoRA layers {bad[:5]} (a frozen adapter stays unmerged "
+                         "and on); unmerge_lora / set_lora_enabled(True) first; nothing was frozen")
+    for m in layers.values():
+        m.freeze()
+    return list(layers)
+
+
+@torch.no_grad()
+def unwrap_lora(module: nn.Module, merge: bool) -> list[str]:
+    """Replace every LoRALinear of `module` (active or frozen, every stacked level) by its innermost nn.Linear.
+
+    merge=True folds every level's delta into the weight first, innermost level first, each formed and added in
+    fp32 and the sum cast to the weight's dtype (peft's merge_and_unload with every level active and its default
+    fp32 adapters, bit for bit): the model keeps its function up to one rounding per level (for full-parameter
+    training from a model with adapters). Levels already merged are not added twice; a disabled level is refused.
+    merge=False drops the adapters, undoing merged ones, leaving the base model (for loading full weights that
+    already contain the adapters). requires_grad is left as it is (apply_lora froze every base weight).
+    Returns the unwrapped paths.
+    """
+    stacks = {}
+    for name, sub in _visible_modules(module):
+        if isinstance(sub, LoRALinear):
+            if not name:
+                raise ValueError("the module itself is a LoRALinear; unwrap its parent, or take .linear")
+            levels = [sub]
+            while isinstance(levels[-1].base_layer, LoRALinear):
+                levels.append(levels[-1].base_layer)
+            stacks[name] = levels[::-1]  # innermost first
+    if merge:
+        bad = [n for n, levels in stacks.items() if any(not m.enabled and not m.merged for m in levels)]
+        if bad:
+            raise ValueError(f"cannot merge disabled LoRA layers {bad[:5]}; set_lora_enabled(True) first, or "
+                             "unwrap_lora(merge=False) to drop the adapters; nothing was unwrapped")
+    for name, levels in stacks.items():
+        w = levels[0].weight
+        for m in levels:
+            if merge and not m.merged:
+                w += m.delta_weight()  # an fp32 operand: the add runs in fp32 and rounds once into w's dtype
+            elif not merge and m.merged:
+                w -= m.delta_weight().to(w.dtype)  # exactly what LoRALinear.unmerge subtracts
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name), child, levels[0].linear)
+    return list(stacks)
+
+
 def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
-    """Switch every adapter of `module` on or off; off, the model computes exactly its base function."""
+    """Switch every active adapter of `module` on or off; off, the model computes exactly its base function (frozen
+    adapters included)."""
     layers = _require_layers(module)
     merged = [n for n, m in layers.items() if m.merged]
     if merged:
@@ -226,7 +374,8 @@ def set_lora_enabled(module: nn.Module, enabled: bool) -> None:
 
 @contextlib.contextmanager
 def lora_disabled(module: nn.Module) -> Iterator[nn.Module]:
-    """Run the base model with adapters off (the RL reference policy); the previous state returns on exit."""
+    """Run with the active adapter off, frozen ones on (the RL reference policy); the previous state returns on
+    exit."""
     layers = _require_layers(module)
     before = {n: m.enabled for n, m in layers.items()}
     set_lora_enabled(module, False)
@@ -238,7 +387,8 @@ def lora_disabled(module: nn.Module) -> Iterator[nn.Module]:
 
 
 def merge_lora(module: nn.Module) -> None:
-    """Fold scaling * B A into every base weight (forward then skips the adapter branch)."""
+    """Fold scaling * B A of the active adapter into every innermost base weight (forward then skips its branch;
+    frozen levels keep theirs)."""
     layers = _require_layers(module)
     bad = [n for n, m in layers.items() if m.merged or not m.enabled]
     if bad:
@@ -257,12 +407,12 @@ def unmerge_lora(module: nn.Module) -> None:
 
 
 def lora_parameters(module: nn.Module) -> list[nn.Parameter]:
-    """The trainable adapter weights (A and B of every layer), for the optimizer."""
+    """The trainable adapter weights (A and B of every active layer), for the optimizer."""
     return [p for m in _require_layers(module).values() for p in (m.A.weight, m.B.weight)]
 
 
 def lora_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
-    """Adapter weights only, under their in-memory names (`<path>.lora_A.<adapter>.weight`)."""
+    """Active adapter weights only, under their in-memory names (`<path>.lora_A.<adapter>.weight`)."""
     out = {}
     for name, m in _require_layers(module).items():
         out[f"{name}.lora_A.{m.adapter_name}.weight"] = m.A.weight.detach()
@@ -275,9 +425,9 @@ def _target_modules_spec(module: nn.Module, names: Sequence[str]) -> list[str] |
     leaf names when it does, else a full-match regex of the exact paths."""
     wrapped = set(names)
     leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
-    inner = tuple(n + "." for n in names)
-    selected = {n for n, _ in module.named_modules()
-                if n and not n.startswith(inner) and any(n == p or n.endswith("." + p) for p in leaves)}
+    # the paths of the unwrapped model: what peft will match against, with or without our frozen stacks
+    selected = {n for n, _ in _visible_modules(module)
+                if n and any(n == p or n.endswith("." + p) for p in leaves)}
     if selected == wrapped:
         return leaves
     return _exact_regex(names)
@@ -289,7 +439,8 @@ def _exact_regex(names: Sequence[str]) -> str:
 
 
 def save_lora(module: nn.Module, directory: str | os.PathLike, base_model_name_or_path: str | None = None) -> None:
-    """Write the adapter as a PEFT folder that `PeftModel.from_pretrained(base, directory)` and `load_lora` read."""
+    """Write the active adapter as a PEFT folder that `PeftModel.from_pretrained(base, directory)` and `load_lora`
+    read; frozen adapters are not written (they belong to the base the adapter was trained on)."""
     layers = _require_layers(module)
     first = next(iter(layers.values()))
     for name, m in layers.items():
@@ -402,9 +553,10 @@ def load_lora(module: nn.Module, path: str | os.PathLike, *, prefix: str | None 
               adapter_name: str = "default", dtype: torch.dtype | None = None) -> list[str]:
     """Load a PEFT / diffusers LoRA adapter (folder or .safetensors file) into `module`, strictly.
 
-    Without LoRA layers yet, `module` is first wrapped with the file's config (r, lora_alpha, target_modules,
-    lora_dropout); with them, the file must fit the existing layers. Every wrapped layer needs its A and B, every
-    file key must land on a wrapped layer, shapes must agree; otherwise CheckpointError names each offender.
+    Without active LoRA layers, `module` is first wrapped with the file's config (r, lora_alpha, target_modules,
+    lora_dropout), stacking on frozen ones where the targets hit them; with them, the file must fit the existing
+    layers. Every wrapped layer needs its A and B, every file key must land on a wrapped layer, shapes must agree;
+    otherwise CheckpointError names each offender.
     `adapter_name` and `dtype` apply when the module gets wrapped here. Returns the wrapped paths.
     """
     weights_file, config_file = _adapter_files(Path(path))

@@ -31,19 +31,33 @@ from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from model.qwen2_5_vl_processor import Qwen25VLProcessor
 from model.vae import VAE, VAEConfig
 
-# The Unified-Bench / released caption prompt (text before the image, as in the released inference code).
+# The released demo's caption prompt (text before the image, as in the released inference code, demo.py).
 CAPTION_PROMPT = (
     "You are an expert vision-language model.  \n"
     "Your task is: Given an input image, generate a **textual description** of the image. "
     "If there is text in the image, transcribe it inside double quotes \"\".  \n"
     "Now, carefully analyze the input image and output the full description. "
 )
+# Unified-Bench's caption prompt. The paper describes it (the model is asked for an accurate, comprehensive
+# description from which a generation model can recreate the image) but the release does not include its wording;
+# this is that request in our words. `eval.unified_bench run --prompt demo` uses CAPTION_PROMPT instead.
+UNIFIED_BENCH_PROMPT = (
+    "Describe this image accurately and comprehensively, so that a text-to-image model could recreate it from your "
+    "description alone. Cover every object with its attributes (count, colour, shape, size, material, texture), its "
+    "position and its spatial relations to the others; the background and setting; the composition, viewpoint, "
+    "lighting and style. If there is text in the image, transcribe it inside double quotes \"\"."
+)
 NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, cartoon image."
+# LoRA targets of the training stages: every linear layer of the LVLM's text decoder (the release's LLM LoRA is
+# peft's 'all-linear' on it) and the 8 attention projections of every MMDiT block (Flow-GRPO's SD3 targets).
+LLM_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+DIT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
 
 
 @dataclass
 class UAESettings:
-    """Released inference defaults (see ../shared/notes/algorithms.md)."""
+    """Released inference defaults (the UAE release's demo.py and processor config): captions sampled at temperature
+    0.7, up to 512 new tokens, from an image capped at 65536 pixels; images at 1024 px, 40 steps, CFG 5."""
     caption_max_new_tokens: int = 512
     caption_temperature: float = 0.7
     caption_max_pixels: int = 65536
@@ -89,7 +103,9 @@ class UAE(nn.Module):
     def caption(self, images: list[Image.Image], prompt: str = CAPTION_PROMPT, max_new_tokens: int | None = None,
                 do_sample: bool = True, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
                 generator: torch.Generator | None = None, return_output: bool = False):
-        """Caption each image. Sampling follows the released defaults (temperature 0.7, 512 new tokens)."""
+        """Caption each image. Sampling follows the released defaults (temperature 0.7, 512 new tokens). With
+        return_output, also the processor inputs and the GenerationOutput, whose `mask` marks the caption's tokens
+        (ended before any sampled image/video placeholder, as the texts are)."""
         if not images:
             raise ValueError("caption() needs at least one image")
         inputs = self.caption_inputs(images, prompt)
@@ -101,7 +117,14 @@ class UAE(nn.Module):
             top_k=top_k, top_p=top_p, generator=generator,
             eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id),
             pad_token_id=self.processor.pad_token_id)
-        texts = self.processor.batch_decode(out.new_tokens.masked_fill(~out.mask, self.processor.pad_token_id).tolist())
+        # A sampled image/video placeholder cannot be re-encoded (the LVLM counts placeholders against the image's
+        # patches, and a text-only caption has none): the caption ends before the first one. They are rare below
+        # temperature 1, but long captions from a release or an early RL policy do sample them.
+        p = self.processor
+        placeholder = (out.new_tokens == p.image_token_id) | (out.new_tokens == p.video_token_id)
+        before_first = placeholder.long().cumsum(1) == 0
+        out = dataclasses.replace(out, mask=out.mask & before_first)
+        texts = p.batch_decode(out.new_tokens.masked_fill(~out.mask, p.pad_token_id).tolist())
         texts = [t.strip() for t in texts]
         return (texts, inputs, out) if return_output else texts
 
@@ -146,24 +169,9 @@ class UAE(nn.Module):
     def dit_dtype(self) -> torch.dtype:
         return next(self.dit.parameters()).dtype
 
-    def velocity_fn(self, context: torch.Tensor, negative_context: torch.Tensor | None, guidance_scale: float):
-        """v(x, t) with classifier-free guidance v = v_u + g (v_c - v_u), both halves in one DiT batch."""
-        pooled = self.pooled(context.shape[0])
-        dtype = self.dit_dtype
-
-        def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-            if negative_context is None:
-                return self.dit(x.to(dtype), timestep, context.to(dtype), pooled).float()
-            if negative_context.shape[1] == context.shape[1]:
-                v = self.dit(torch.cat([x, x]).to(dtype), torch.cat([timestep, timestep]),
-                             torch.cat([negative_context, context]).to(dtype), torch.cat([pooled, pooled]))
-                v_u, v_c = v.float().chunk(2)
-            else:  # contexts of different lengths (cold start): the DiT has no text mask, so run the halves apart
-                v_u = self.dit(x.to(dtype), timestep, negative_context.to(dtype), pooled).float()
-                v_c = self.dit(x.to(dtype), timestep, context.to(dtype), pooled).float()
-            return v_u + guidance_scale * (v_c - v_u)
-
-        return velocity
+    def velocity_fn(self, context: torch.Tensor, negative_context: torch.Tensor | None = None):
+        """The DiT's velocity_fn for model/flow.py's samplers (`dit_velocity` with the constant pooled vector)."""
+        return dit_velocity(self.dit, context, self.pooled(context.shape[0]), negative_context)
 
     # ------------------------------------------------------------------------------------------- generation
     def latent_shape(self, batch: int, height: int, width: int) -> tuple[int, int, int, int]:
@@ -185,7 +193,8 @@ class UAE(nn.Module):
         context, negative = self.condition(prompts, g)
         noise = torch.randn(self.latent_shape(len(prompts), height, width), generator=generator).to(self.device)
         sigmas = flow_sigmas(steps or s.steps, shift=s.shift).to(self.device)
-        latents = sample_ode(self.velocity_fn(context, negative, g), noise, sigmas)
+        latents = sample_ode(self.velocity_fn(context, negative), noise, sigmas,
+                             guidance_scale=g if negative is not None else None)
         images = self.vae.decode(self.vae.from_model_latents(latents.to(next(self.vae.parameters()).dtype)))
         return _to_pil(images) if output_type == "pil" else images.float()
 
@@ -250,9 +259,39 @@ class UAE(nn.Module):
         return uae_release.load(cls, parts, dtype=dtype, device=device, settings=settings)
 
 
+def dit_velocity(dit: MMDiT, context: torch.Tensor, pooled: torch.Tensor,
+                 negative_context: torch.Tensor | None = None):
+    """velocity_fn(x, timestep) of `dit` conditioned on `context` [B, L, D] (connector outputs) and `pooled` [B, P],
+    in model/flow.py's convention: without a negative context, x is [B, ...] and v is [B, ...]; with one, x is the
+    doubled batch [x; x] and the result is [v_uncond; v_cond], the unconditional half conditioned on
+    `negative_context`. Both halves run as one DiT batch when the contexts have one length (the released pipeline
+    pads positive and negative together); otherwise (the cold start's caption contexts) as two calls, since the DiT
+    has no text mask and padding a context would change its output. Inputs are cast to the DiT's dtype, the output
+    is fp32."""
+    dtype = next(dit.parameters()).dtype
+    context, pooled = context.to(dtype), pooled.to(dtype)
+
+    def velocity(x: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
+        if negative_context is None:
+            return dit(x.to(dtype), timestep, context, pooled).float()
+        b = context.shape[0]
+        if x.shape[0] != 2 * b:
+            raise ValueError(f"with a negative context, x must be the doubled batch [x; x] of {2 * b} rows, "
+                             f"got {x.shape[0]}")
+        negative = negative_context.to(dtype)
+        if negative.shape[1] == context.shape[1]:
+            return dit(x.to(dtype), timestep, torch.cat([negative, context]), torch.cat([pooled, pooled])).float()
+        x_u, x_c = x.to(dtype).chunk(2)
+        t_u, t_c = timestep.chunk(2)
+        return torch.cat([dit(x_u, t_u, negative, pooled), dit(x_c, t_c, context, pooled)]).float()
+
+    return velocity
+
+
 def _to_pil(images: torch.Tensor) -> list[Image.Image]:
     x = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu()
     return [Image.fromarray(a.numpy()) for a in x]
 
 
-__all__ = ["UAE", "UAESettings", "CAPTION_PROMPT", "NEGATIVE_PROMPT"]
+__all__ = ["UAE", "UAESettings", "CAPTION_PROMPT", "UNIFIED_BENCH_PROMPT", "NEGATIVE_PROMPT", "LLM_LORA_TARGETS",
+           "DIT_LORA_TARGETS", "dit_velocity"]

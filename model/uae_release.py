@@ -10,6 +10,10 @@ Release layout (HF `zhiyuanyan1/UAE`, as its public inference code reads it):
     SD3/           the SD3.5-large diffusers folder: vae/, scheduler/, text_encoder/, text_encoder_2/
 The pooled vector (SD3's CLIP-L + CLIP-G pooled embeddings of "") is read from `pooled.safetensors` when given or
 present in the release folder, else computed once from SD3/text_encoder{,_2} with our CLIP text towers.
+
+The release's LoRA adapters (and any given as plain parts) are loaded unmerged, as its inference code runs them with
+peft, and frozen (`model.lora.freeze_lora`): they are part of the model the release is, so a training stage puts its
+own adapter on top of them and its reference policy (its adapter off) is the release itself.
 """
 from __future__ import annotations
 
@@ -85,7 +89,7 @@ def resolve_parts(release=None, *, lvlm=None, dit=None, sd3=None, connector=None
 
 def load(cls, parts: UAEParts, dtype: torch.dtype, device, settings=None):
     from model.connector import Connector, ConnectorConfig, load_pooled
-    from model.lora import load_lora
+    from model.lora import freeze_lora, load_lora
     from model.mmdit import MMDiT
     from model.qwen2_5_vl import Qwen25VL
     from model.qwen2_5_vl_processor import Qwen25VLProcessor
@@ -98,9 +102,11 @@ def load(cls, parts: UAEParts, dtype: torch.dtype, device, settings=None):
                                     source=lvlm_ckpt.subset(lambda k: not is_projector(k)))
     if parts.llm_lora is not None:
         load_release_llm_lora(lvlm, parts.llm_lora)
+        freeze_lora(lvlm)
     dit = MMDiT.from_pretrained(parts.dit, dtype=dtype, device=device)
     if parts.dit_lora is not None:
         load_lora(dit, parts.dit_lora)
+        freeze_lora(dit)
     vae = VAE.from_pretrained(parts.vae, dtype=dtype, device=device)
 
     cfg = ConnectorConfig(in_dim=lvlm.config.text.hidden_size, out_dim=dit.config.joint_attention_dim,

@@ -31,6 +31,19 @@ def last_ckpt(out) -> Path:
     return Path(out) / (Path(out) / "latest").read_text().strip()
 
 
+def trained(out, component: str, ema: bool = False) -> Path:
+    """The adapter folder a run trained on `component` ('lvlm' or 'dit') in its latest checkpoint's handoff."""
+    from model.handoff import read_handoff
+
+    return read_handoff(last_ckpt(out)).trained_adapter(component, ema=ema)
+
+
+def model_file(out, name: str) -> dict[str, torch.Tensor]:
+    """A full-weights file of the latest checkpoint's handoff (connector.safetensors, dit.safetensors)."""
+    f = open_checkpoint(last_ckpt(out) / "model" / name)
+    return {k: f[k] for k in f}
+
+
 def without_time(rs):
     return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
 

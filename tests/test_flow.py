@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 
-from model.flow import (cps_step_with_logprob, euler_step, flow_sigmas, sample_ode, sample_sde_trajectory,
-                        sde_step_with_logprob)
+from model.flow import (cfg_combine, cps_step_with_logprob, euler_step, flow_sigmas, guided_velocity, sample_ode,
+                        sample_sde_trajectory, sde_step_with_logprob, transition_log_prob)
 from model.mmdit import MMDiT
 
 
@@ -118,19 +118,20 @@ def test_cfg_ode_loop_matches_diffusers_loop(dits, guidance):
 
 
 def flow_grpo_reference(v, x, sigma, sigma_next, a, eps, sigma_1, method):
-    """Flow-GRPO's SDE / CPS transition written independently in float64 numpy: (mean, std, sample)."""
+    """Flow-GRPO's SDE / CPS transition written independently in float64 numpy: (mean, std, sample, std_dev_t), std
+    the transition's standard deviation and std_dev_t what Flow-GRPO's step returns (its KL scale)."""
     v, x, eps = (t.double().numpy() for t in (v, x, eps))
     s = np.asarray(sigma, dtype=np.float64).reshape(-1, 1, 1, 1)
     sn = np.asarray(sigma_next, dtype=np.float64).reshape(-1, 1, 1, 1)
     dt = sn - s
     if method == "sde":
-        std_t = a * np.sqrt(s / (1 - np.where(s == 1, sigma_1, s)))
-        mean = x * (1 + std_t ** 2 / (2 * s) * dt) + v * (1 + std_t ** 2 * (1 - s) / (2 * s)) * dt
-        std = std_t * np.sqrt(-dt)
+        std_dev_t = a * np.sqrt(s / (1 - np.where(s == 1, sigma_1, s)))
+        mean = x * (1 + std_dev_t ** 2 / (2 * s) * dt) + v * (1 + std_dev_t ** 2 * (1 - s) / (2 * s)) * dt
+        std = std_dev_t * np.sqrt(-dt)
     else:
-        std = sn * np.sin(a * np.pi / 2)
+        std = std_dev_t = sn * np.sin(a * np.pi / 2)
         mean = (x - s * v) * (1 - sn) + (x + (1 - s) * v) * np.sqrt(sn ** 2 - std ** 2)
-    return mean, np.broadcast_to(std, s.shape), mean + std * eps
+    return mean, np.broadcast_to(std, s.shape), mean + std * eps, np.broadcast_to(std_dev_t, s.shape)
 
 
 def test_sde_step_against_gaussian_density():
@@ -138,10 +139,14 @@ def test_sde_step_against_gaussian_density():
     sigmas = flow_sigmas(10)
     x, v, eps = torch.randn(3, 3, 16, 5, 7).unbind(0)
     for sigma, sigma_next in [(sigmas[0], sigmas[1]), (sigmas[4], sigmas[5]), (sigmas[[0, 3, 8]], sigmas[[1, 4, 9]])]:
-        prev, log_prob, mean, std = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, noise=eps)
-        ref_mean, ref_std, ref_prev = flow_grpo_reference(v, x, sigma, sigma_next, 0.7, eps, sigmas[1].item(), "sde")
+        prev, log_prob, mean, std, std_dev_t = sde_step_with_logprob(v, x, sigma, sigma_next, 0.7, noise=eps)
+        ref_mean, ref_std, ref_prev, ref_std_dev_t = flow_grpo_reference(v, x, sigma, sigma_next, 0.7, eps,
+                                                                         sigmas[1].item(), "sde")
         assert rel_err(mean, torch.from_numpy(ref_mean)) <= 1e-5
         assert rel_err(std, torch.from_numpy(ref_std.copy())) <= 1e-5
+        # The KL scale has no sqrt(-dt): Flow-GRPO's step returns std_dev_t itself.
+        assert rel_err(std_dev_t, torch.from_numpy(ref_std_dev_t.copy())) <= 1e-5
+        assert (std_dev_t > std).all()
         assert rel_err(prev, torch.from_numpy(ref_prev)) <= 1e-5
         density = torch.distributions.Normal(torch.from_numpy(ref_mean), torch.from_numpy(ref_std.copy()))
         expected = density.log_prob(prev.double()).mean(dim=(1, 2, 3))
@@ -151,8 +156,8 @@ def test_sde_step_against_gaussian_density():
 def test_sde_sigma_1_replaces_sigma_at_one():
     torch.manual_seed(3)
     x, v = torch.randn(2, 2, 16, 4, 4).unbind(0)
-    _, _, _, std_default = sde_step_with_logprob(v, x, 1.0, 0.9, 0.5)
-    _, _, _, std_explicit = sde_step_with_logprob(v, x, 1.0, 0.9, 0.5, sigma_1=0.96)
+    std_default = sde_step_with_logprob(v, x, 1.0, 0.9, 0.5).std
+    std_explicit = sde_step_with_logprob(v, x, 1.0, 0.9, 0.5, sigma_1=0.96).std
     dt = 0.9 - 1.0
     assert math.isclose(std_default[0].item(), 0.5 * math.sqrt(1 / (1 - 0.9)) * math.sqrt(-dt), rel_tol=1e-6)
     assert math.isclose(std_explicit[0].item(), 0.5 * math.sqrt(1 / (1 - 0.96)) * math.sqrt(-dt), rel_tol=1e-6)
@@ -164,10 +169,10 @@ def test_scoring_reproduces_the_drawn_sample(step):
     sigmas = flow_sigmas(6)
     x, v = torch.randn(2, 4, 16, 3, 5).unbind(0)
     g = torch.Generator().manual_seed(7)
-    prev, log_prob, mean, std = step(v, x, sigmas[2], sigmas[3], 0.8, generator=g)
+    prev, log_prob, mean, std, _ = step(v, x, sigmas[2], sigmas[3], 0.8, generator=g)
     eps = torch.randn(x.shape, generator=torch.Generator().manual_seed(7))
     assert torch.equal(prev, mean + std * eps)
-    prev2, log_prob2, mean2, std2 = step(v, x, sigmas[2], sigmas[3], 0.8, prev_sample=prev)
+    prev2, log_prob2, mean2, std2, _ = step(v, x, sigmas[2], sigmas[3], 0.8, prev_sample=prev)
     assert torch.equal(prev2, prev) and torch.equal(mean2, mean) and torch.equal(std2, std)
     assert torch.equal(log_prob2, log_prob)
     at_mode = step(v, x, sigmas[2], sigmas[3], 0.8, prev_sample=mean)[1]
@@ -179,15 +184,16 @@ def test_cps_step_formulas():
     sigmas = flow_sigmas(8)
     x, v, eps = torch.randn(3, 2, 16, 5, 3).unbind(0)
     for i in (0, 3, 6):
-        prev, log_prob, mean, std = cps_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], 0.6, noise=eps)
-        ref_mean, ref_std, ref_prev = flow_grpo_reference(v, x, sigmas[i], sigmas[i + 1], 0.6, eps, None, "cps")
+        prev, log_prob, mean, std, std_dev_t = cps_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], 0.6, noise=eps)
+        ref_mean, ref_std, ref_prev, _ = flow_grpo_reference(v, x, sigmas[i], sigmas[i + 1], 0.6, eps, None, "cps")
         assert rel_err(mean, torch.from_numpy(ref_mean)) <= 1e-5
         assert math.isclose(std.flatten()[0].item(), sigmas[i + 1].item() * math.sin(0.6 * math.pi / 2), rel_tol=1e-6)
+        assert torch.equal(std_dev_t, std)
         assert rel_err(prev, torch.from_numpy(ref_prev)) <= 1e-5
         expected = -((torch.from_numpy(ref_prev) - torch.from_numpy(ref_mean)) ** 2).mean(dim=(1, 2, 3))
         assert rel_err(log_prob, expected) <= 1e-5
     # noise level 0: the CPS mean is the Euler step rearranged
-    prev, log_prob, _, _ = cps_step_with_logprob(v, x, sigmas[3], sigmas[4], 0.0)
+    prev, log_prob, *_ = cps_step_with_logprob(v, x, sigmas[3], sigmas[4], 0.0)
     assert torch.allclose(prev, euler_step(v, x, sigmas[3], sigmas[4]), atol=1e-6)
     assert torch.equal(log_prob, torch.zeros(2))
 
@@ -197,7 +203,7 @@ def test_noise_level_zero_is_the_euler_step():
     sigmas = flow_sigmas(5)
     x, v = torch.randn(2, 3, 16, 4, 6).unbind(0)
     for i in range(5):
-        prev, log_prob, mean, _ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], 0.0)
+        prev, log_prob, mean, *_ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], 0.0)
         assert torch.equal(prev, euler_step(v, x, sigmas[i], sigmas[i + 1])) and torch.equal(mean, prev)
         assert torch.equal(log_prob, torch.zeros(3))
 
@@ -260,7 +266,7 @@ def test_trajectory_window_and_rescoring(method):
             v_u, v_c = fn(torch.cat([x, x]), (sigmas[i] * 1000).expand(4)).chunk(2)
         v = v_u + 3.0 * (v_c - v_u)
         if traj.sde_mask[i]:
-            _, log_prob, mean, std = step(v, x, sigmas[i], sigmas[i + 1], 0.7, prev_sample=traj.latents[:, i + 1])
+            _, log_prob, mean, std, _ = step(v, x, sigmas[i], sigmas[i + 1], 0.7, prev_sample=traj.latents[:, i + 1])
             assert torch.allclose(log_prob, traj.log_probs[:, i], rtol=1e-5, atol=1e-6)
             assert torch.allclose(mean, traj.means[:, i], atol=1e-6) and (traj.stds[:, i] > 0).all()
             assert not torch.allclose(traj.latents[:, i + 1], euler_step(v, x, sigmas[i], sigmas[i + 1]))
@@ -316,6 +322,81 @@ def test_truncated_backprop_matches_detached_prefix():
     x.sum().backward()
     assert torch.allclose(model.w.grad, expected_model.w.grad, rtol=1e-4)
     assert torch.allclose(model.c.grad, expected_model.c.grad, rtol=1e-4)
+
+
+def test_sample_ode_grad_last_k_truncates_the_graph():
+    torch.manual_seed(12)
+    noise, sigmas = torch.randn(1, 16, 2, 2), flow_sigmas(4)
+    model = LinearVelocity()
+    x = sample_ode(model, noise, sigmas, grad_last_k=1)
+    assert model.grad_enabled == [False, False, False, True] and x.requires_grad
+    model.grad_enabled.clear()
+    full = sample_ode(model, noise, sigmas)
+    assert model.grad_enabled == [True] * 4
+    with torch.no_grad():
+        plain = sample_ode(model, noise, sigmas)
+    assert torch.equal(plain, full.detach()) and torch.equal(plain, x.detach())
+
+
+def test_step_noise_fixes_each_steps_draw_whatever_the_batch():
+    # A trajectory of rows [0, 2] with their rows of a global step_noise equals those rows of the full batch.
+    torch.manual_seed(13)
+    model, sigmas = LinearVelocity(), flow_sigmas(5)
+    noise, step_noise = torch.randn(4, 16, 3, 3), torch.randn(4, 5, 16, 3, 3)
+    full = sample_sde_trajectory(model, noise, sigmas, step_noise=step_noise)
+    part = sample_sde_trajectory(model, noise[[0, 2]], sigmas, step_noise=step_noise[[0, 2]])
+    assert torch.equal(part.latents, full.latents[[0, 2]]) and torch.equal(part.log_probs, full.log_probs[[0, 2]])
+    eps = (full.latents[:, 2] - full.means[:, 1]) / full.stds[:, 1].view(-1, 1, 1, 1)
+    torch.testing.assert_close(eps, step_noise[:, 1], rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="step_noise"):
+        sample_sde_trajectory(model, noise, sigmas, step_noise=step_noise[:, :4])
+
+
+def test_cfg_combine_detached_unconditional_branch():
+    v_u = torch.randn(2, 16, 3, 3, requires_grad=True)
+    v_c = torch.randn(2, 16, 3, 3, requires_grad=True)
+    out = cfg_combine(v_u, v_c, 4.5)
+    torch.testing.assert_close(out, v_u + 4.5 * (v_c - v_u))
+    out.sum().backward()
+    torch.testing.assert_close(v_u.grad, torch.full_like(v_u, 1 - 4.5))
+    v_u.grad = v_c.grad = None
+    out_d = cfg_combine(v_u, v_c, 4.5, detach_uncond=True)
+    assert torch.equal(out_d, out.detach())
+    out_d.sum().backward()
+    assert v_u.grad is None and torch.equal(v_c.grad, torch.full_like(v_c, 4.5))
+
+
+def test_transition_log_prob_rescores_the_rollout_with_the_unconditional_branch_detached():
+    # Flow-GRPO's compute_log_prob: re-scoring a sampled step under the sampling policy gives its log-prob back, and
+    # with CFG the gradient reaches only the conditional branch (train_sd3.py detaches noise_pred_uncond).
+    torch.manual_seed(14)
+    model, sigmas = LinearVelocity(), flow_sigmas(6)
+    fn = cfg_velocity(model)
+    traj = sample_sde_trajectory(fn, torch.randn(2, 16, 3, 5), sigmas, guidance_scale=3.0,
+                                 generator=torch.Generator().manual_seed(0))
+    j = 2
+    out = transition_log_prob(fn, traj.latents[:, j], traj.latents[:, j + 1], sigmas[j], sigmas[j + 1], 0.7, 3.0)
+    torch.testing.assert_close(out.log_prob, traj.log_probs[:, j], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(out.mean, traj.means[:, j], rtol=1e-5, atol=1e-5)
+
+    def branch_grads(detach_uncond):
+        # A parameter that only the unconditional half sees: its gradient measures that branch alone.
+        u = torch.zeros((), requires_grad=True)
+
+        def velocity(x, t):
+            v = fn(x, t)
+            b = x.shape[0] // 2
+            return torch.cat([v[:b] + u * x[:b], v[b:]])
+
+        r = transition_log_prob(velocity, traj.latents[:, j], traj.latents[:, j + 1], sigmas[j], sigmas[j + 1], 0.7,
+                                3.0, detach_uncond=detach_uncond)
+        r.log_prob.sum().backward()
+        return 0.0 if u.grad is None else abs(u.grad.item())
+
+    assert branch_grads(detach_uncond=True) == 0
+    assert branch_grads(detach_uncond=False) > 0  # what the previous code let through
+    v = guided_velocity(fn, traj.latents[:, j], sigmas[j], 3.0, detach_uncond=True)
+    assert torch.equal(v, guided_velocity(fn, traj.latents[:, j], sigmas[j], 3.0))
 
 
 def test_bad_inputs():

@@ -12,11 +12,11 @@ import pytest
 import torch
 
 import train.grpo_decoder as gd
-from model.flow import flow_sigmas, sample_ode
+from model.flow import flow_sigmas, guided_velocity, sample_ode
 from model.lora import apply_lora, load_lora, lora_disabled, lora_layers
-from model.uae import UAE
+from model.uae import DIT_LORA_TARGETS, UAE
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, without_time
+from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, trained, without_time
 from train.common import Dist
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -51,10 +51,9 @@ def test_first_step_invariants_and_metrics_fields(tmp_path):
     # One optimizer step later the adapters moved: nonzero KL to the reference.
     assert r[1]["kl"] > 0
     assert 0 < r[0]["reward_mean"] <= 1 and r[0]["reward_std"] > 0
-    ck = last_ckpt(out)
-    assert ck.name == "step_00000002" and (ck / "adapter").is_dir() and (ck / "ema_adapter").is_dir()
+    assert last_ckpt(out).name == "step_00000002"
     # The EMA adapter is a real average: neither the trained adapter nor the initial one.
-    a, e = adapter(ck / "adapter"), adapter(ck / "ema_adapter")
+    a, e = adapter(trained(out, "dit")), adapter(trained(out, "dit", ema=True))
     assert a.keys() == e.keys()
     b_keys = [k for k in a if "lora_B" in k]
     assert any(not torch.equal(a[k], e[k]) for k in b_keys) and any(e[k].abs().max() > 0 for k in b_keys)
@@ -90,12 +89,14 @@ def test_trained_steps_window():
     for bad in ("5:2", "0:10", "x", "3"):
         with pytest.raises(ValueError, match="sde-window"):
             gd.trained_steps(replace(o, sde_window=bad))
+    with pytest.raises(ValueError, match="sample-steps must be >= 2"):
+        gd.trained_steps(replace(o, sample_steps=1))
 
 
 def tiny_setup(lora=True):
     uae = UAE.tiny(0).requires_grad_(False)
     if lora:
-        apply_lora(uae.dit, gd.DIT_LORA_TARGETS.split(","), rank=4, alpha=8.0, init="gaussian")
+        apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=4, alpha=8.0, init="gaussian")
         with torch.no_grad():  # non-zero adapters: the policy differs from the base
             for m in lora_layers(uae.dit).values():
                 m.B.weight.normal_(0, 0.05)
@@ -110,15 +111,67 @@ def test_noise_level_zero_rollout_is_the_ode_trajectory():
     g = torch.Generator().manual_seed(0)
     noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=g)
     step_noise = torch.randn(2, 5, *noise.shape[1:], generator=g)
-    latents, logps = gd.rollout(uae, o, context, negative, noise, step_noise, sigmas, gd.trained_steps(o), 4.5)
+    velocity = uae.velocity_fn(context, negative)
+    traj = gd.rollout(velocity, noise, step_noise, sigmas, o, gd.trained_steps(o), 4.5)
     with torch.no_grad():
-        ode = sample_ode(uae.velocity_fn(context, negative, 4.5), noise, sigmas)
-    torch.testing.assert_close(latents[:, -1], ode, rtol=1e-5, atol=1e-5)
+        ode = sample_ode(velocity, noise, sigmas, guidance_scale=4.5)
+    torch.testing.assert_close(traj.latents[:, -1], ode, rtol=1e-5, atol=1e-5)
     # With the default noise level the same draws give a different (stochastic) endpoint.
-    sde, _ = gd.rollout(uae, replace(o, noise_level=0.7), context, negative, noise, step_noise, sigmas,
-                        gd.trained_steps(o), 4.5)
-    assert (sde[:, -1] - ode).abs().max() > 1e-2
-    assert latents.shape[1] == 6 and logps.shape == (2, 5) and torch.all(logps[:, -1] == 0)
+    sde = gd.rollout(velocity, noise, step_noise, sigmas, replace(o, noise_level=0.7), gd.trained_steps(o), 4.5)
+    assert (sde.latents[:, -1] - ode).abs().max() > 1e-2
+    assert traj.latents.shape[1] == 6 and traj.log_probs.shape == (2, 5) and torch.all(traj.log_probs[:, -1] == 0)
+
+
+def test_kl_is_on_flow_grpo_scale_and_skipped_at_beta_zero(monkeypatch):
+    # Flow-GRPO's KL: mean_CHW |mu - mu_ref|^2 / (2 std_dev_t^2), std_dev_t = a sqrt(sigma / (1 - sigma)) without
+    # the sqrt(-dt) of the transition std (scripts/train_sd3.py); the means recomputed here from the SDE formula.
+    uae, context, negative = tiny_setup()
+    o = gd.Options(sample_steps=4, noise_level=0.7, beta=0.04)
+    sigmas = flow_sigmas(4, shift=uae.settings.shift)
+    g = torch.Generator().manual_seed(1)
+    noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=g)
+    velocity = uae.velocity_fn(context, negative)
+    steps = gd.trained_steps(o)
+    traj = gd.rollout(velocity, noise, torch.randn(2, 4, *noise.shape[1:], generator=g), sigmas, o, steps, 4.5)
+    stats = gd.train_minibatch(uae.dit, velocity, traj, torch.arange(2), torch.tensor([1.0, -1.0]), o, steps, 4.5)
+    for j, st in zip(steps, stats):
+        x, s, s_next = traj.latents[:, j], sigmas[j].double(), sigmas[j + 1].double()
+        with torch.no_grad():
+            v = guided_velocity(velocity, x, sigmas[j], 4.5).double()
+            with lora_disabled(uae.dit):
+                v_ref = guided_velocity(velocity, x, sigmas[j], 4.5).double()
+        std_dev_t = 0.7 * torch.sqrt(s / (1 - (sigmas[1].double() if s == 1 else s)))
+        # mean - mean_ref = (v - v_ref) (1 + std_dev_t^2 (1 - s) / (2 s)) dt
+        d_mean = (v - v_ref) * (1 + std_dev_t ** 2 * (1 - s) / (2 * s)) * (s_next - s)
+        want = (d_mean.square().mean(dim=(1, 2, 3)) / (2 * std_dev_t ** 2)).mean()
+        assert float(st["kl"]) == pytest.approx(float(want), rel=1e-4), j
+    # beta 0: the reference forward does not run and no KL is reported.
+    calls = []
+    monkeypatch.setattr(gd, "lora_disabled", lambda m: calls.append(m) or pytest.fail("reference forward at beta 0"))
+    stats = gd.train_minibatch(uae.dit, velocity, traj, torch.arange(2), torch.tensor([1.0, -1.0]),
+                               replace(o, beta=0.0), steps, 4.5)
+    assert not calls and all("kl" not in st for st in stats)
+
+
+def test_training_forward_detaches_the_unconditional_branch():
+    # A scale u on the unconditional half of the CFG batch: the training loss must not reach it (Flow-GRPO detaches
+    # noise_pred_uncond), while the adapters get their gradient through the conditional half.
+    uae, context, negative = tiny_setup()
+    o = gd.Options(sample_steps=3)
+    sigmas = flow_sigmas(3, shift=uae.settings.shift)
+    noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(2))
+    velocity = uae.velocity_fn(context, negative)
+    traj = gd.rollout(velocity, noise, torch.randn(2, 3, *noise.shape[1:]), sigmas, o, gd.trained_steps(o), 4.5)
+    u = torch.ones((), requires_grad=True)
+
+    def scaled(x, t):
+        v = velocity(x, t)
+        b = x.shape[0] // 2
+        return torch.cat([u * v[:b], v[b:]])
+
+    gd.train_minibatch(uae.dit, scaled, traj, torch.arange(2), torch.tensor([1.0, -1.0]), o, gd.trained_steps(o), 4.5)
+    assert u.grad is None or u.grad == 0
+    assert any(m.B.weight.grad is not None and m.B.weight.grad.abs().sum() > 0 for m in lora_layers(uae.dit).values())
 
 
 def test_adapters_off_reference_equals_frozen_base(tmp_path):
@@ -126,15 +179,15 @@ def test_adapters_off_reference_equals_frozen_base(tmp_path):
     out = tmp_path / "run"
     gd.main(FAST + ["--steps", "2", "--out", str(out)])
     base, context, negative = tiny_setup(lora=False)
-    trained = UAE.tiny(0).requires_grad_(False)
-    load_lora(trained.dit, last_ckpt(out) / "adapter")
-    x = torch.randn(2, *trained.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(1))
-    t = torch.full((2,), 700.0)
+    model = UAE.tiny(0).requires_grad_(False)
+    load_lora(model.dit, trained(out, "dit"))
+    x = torch.randn(2, *model.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(1))
+    sigma = torch.tensor(0.7)
     with torch.no_grad():
-        v_base = base.velocity_fn(context, negative, 4.5)(x, t)
-        v_on = trained.velocity_fn(context, negative, 4.5)(x, t)
-        with lora_disabled(trained.dit):
-            v_off = trained.velocity_fn(context, negative, 4.5)(x, t)
+        v_base = guided_velocity(base.velocity_fn(context, negative), x, sigma, 4.5)
+        v_on = guided_velocity(model.velocity_fn(context, negative), x, sigma, 4.5)
+        with lora_disabled(model.dit):
+            v_off = guided_velocity(model.velocity_fn(context, negative), x, sigma, 4.5)
     assert torch.equal(v_off, v_base)
     assert (v_on - v_base).abs().max() > 1e-6  # the trained adapters do change the policy
 
@@ -146,9 +199,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     gd.main(common + ["--steps", "1", "--out", str(part)])
     gd.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
-    for name in ("adapter", "ema_adapter"):
-        a, b = adapter(last_ckpt(full) / name), adapter(last_ckpt(part) / name)
-        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    for ema in (False, True):
+        a, b = adapter(trained(full, "dit", ema)), adapter(trained(part, "dit", ema))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ema
     sa = torch.load(last_ckpt(full) / "state.pt", weights_only=True)
     sb = torch.load(last_ckpt(part) / "state.pt", weights_only=True)
     assert sa["sampler"] == sb["sampler"] and sa["step"] == sb["step"] == 3
@@ -164,7 +217,9 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = FAST + ["--save-every", "1", "--out", str(out)]
-    real = gd.save_lora
+    import model.lora
+
+    real = model.lora.save_lora
     calls = {"n": 0}
 
     def dies_on_second_checkpoint(module, folder, *a, **k):
@@ -174,10 +229,10 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, monkey
             raise KeyboardInterrupt
         return real(module, folder, *a, **k)
 
-    monkeypatch.setattr(gd, "save_lora", dies_on_second_checkpoint)
+    monkeypatch.setattr(model.lora, "save_lora", dies_on_second_checkpoint)
     with pytest.raises(KeyboardInterrupt):
         gd.main(args + ["--steps", "3"])
-    monkeypatch.setattr(gd, "save_lora", real)
+    monkeypatch.setattr(model.lora, "save_lora", real)
     assert last_ckpt(out).name == "step_00000001"
     assert not (out / "step_00000002").exists()
     # Resuming from it continues exactly like a run that was never interrupted.
@@ -185,7 +240,7 @@ def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, monkey
     ref = tmp_path / "ref"
     gd.main(FAST + ["--save-every", "1", "--out", str(ref), "--steps", "3"])
     assert without_time(rows(out)) == without_time(rows(ref))
-    a, b = adapter(last_ckpt(out) / "adapter"), adapter(last_ckpt(ref) / "adapter")
+    a, b = adapter(trained(out, "dit")), adapter(trained(ref, "dit"))
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
@@ -205,7 +260,7 @@ def test_two_processes_equal_one(tmp_path):
                    "--procedural-images", "3"]
     gd.main(args + ["--out", str(tmp_path / "one")])
     torchrun_two("grpo_decoder.py", args, tmp_path / "two")
-    a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
+    a, b = adapter(trained(tmp_path / "one", "dit")), adapter(trained(tmp_path / "two", "dit"))
     assert a.keys() == b.keys()
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
@@ -235,3 +290,23 @@ def test_dataset_captions_replace_the_captioner(tmp_path, monkeypatch):
     gd.main(FAST + ["--steps", "1", "--out", str(tmp_path / "run"), "--dataset-captions", "--save-every", "100"])
     scenes = {procedural_scene(i, 64, 0)[1] for i in range(2)}
     assert seen and set(seen) <= scenes
+
+
+def test_adv_std_global_divides_by_the_std_of_all_rewards(tmp_path, monkeypatch):
+    # --adv-std global is Flow-GRPO's sample.global_std: group means, one std over the step's rewards.
+    seen = []
+    real = gd.group_advantages
+
+    def spy(rewards, group_size, **k):
+        seen.append((rewards, k["global_std"]))
+        return real(rewards, group_size, **k)
+
+    monkeypatch.setattr(gd, "group_advantages", spy)
+    args = FAST + ["--images-per-step", "2", "--steps", "1", "--save-every", "9"]
+    gd.main(args + ["--out", str(tmp_path / "group")])
+    gd.main(args + ["--adv-std", "global", "--out", str(tmp_path / "global")])
+    assert [g for _, g in seen] == [False, True] and torch.equal(seen[0][0], seen[1][0])
+    r1, r2 = rows(tmp_path / "group")[0], rows(tmp_path / "global")[0]
+    assert r1["grad_norm"] != pytest.approx(r2["grad_norm"], rel=1e-3)  # other advantages, another gradient
+    with pytest.raises(ValueError, match="--adv-std must be group or global"):
+        gd.main(args + ["--adv-std", "batch", "--out", str(tmp_path / "bad")])

@@ -13,12 +13,13 @@ from model.layers import get_attention_backend, set_attention_backend
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, without_time
+from tests.run_helpers import adapter, rows, torchrun_two, trained, without_time
 from train.common import Dist
 from train.data import procedural_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-FAST = ["--images-per-step", "1", "--group-size", "4", "--max-new-tokens", "8", "--gen-steps", "2",
+# The KL penalty is on (beta 0.04) so the reference forward runs and KL is logged.
+FAST = ["--images-per-step", "1", "--group-size", "4", "--max-new-tokens", "8", "--gen-steps", "2", "--beta", "0.04",
         "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu"]
 
 
@@ -71,12 +72,23 @@ def test_first_step_invariants_and_metrics_fields(tmp_path):
     assert r[0]["grad_norm"] > 0
 
 
+def trained_adapter(out):
+    return trained(out, "lvlm")
+
+
+def test_no_reference_forward_at_beta_zero(tmp_path, monkeypatch):
+    # TRL's GRPOTrainer skips the reference model at beta 0; so do we, and no KL is reported.
+    monkeypatch.setattr(ge, "lora_disabled", lambda m: pytest.fail("reference forward at beta 0"))
+    ge.main(FAST + ["--steps", "1", "--beta", "0", "--out", str(tmp_path / "run")])
+    assert "kl" not in rows(tmp_path / "run")[0]
+
+
 def test_adapters_off_reference_equals_frozen_base(tmp_path):
     out = tmp_path / "run"
     ge.main(FAST + ["--steps", "1", "--out", str(out)])
     base = UAE.tiny(0).requires_grad_(False)
     trained = UAE.tiny(0).requires_grad_(False)
-    load_lora(trained.lvlm, last_ckpt(out) / "adapter")
+    load_lora(trained.lvlm, trained_adapter(out))
     image, caption = procedural_scene(3)
     inputs = base.caption_inputs([image])
     tokens = torch.tensor([base.processor.encode(caption)[:6]])
@@ -97,7 +109,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     ge.main(common + ["--steps", "1", "--out", str(part)])
     ge.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
-    a, b = adapter(last_ckpt(full) / "adapter"), adapter(last_ckpt(part) / "adapter")
+    a, b = adapter(trained_adapter(full)), adapter(trained_adapter(part))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="lora_rank"):
         ge.main(FAST[:-6] + ["--lora-rank", "8", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu",
@@ -115,7 +127,7 @@ def test_two_processes_equal_one(tmp_path):
     args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3"]
     ge.main(args + ["--out", str(tmp_path / "one")])
     torchrun_two("grpo_encoder.py", args, tmp_path / "two")
-    a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
+    a, b = adapter(trained_adapter(tmp_path / "one")), adapter(trained_adapter(tmp_path / "two"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
@@ -127,7 +139,9 @@ def test_kernel_paths_give_the_same_run(tmp_path):
     """--attention triton (every model's attention through kernels/attention.py, the interpreter here) and
     --logprob naive (logits + log_softmax) train the same as the defaults (SDPA, fused log-probs)."""
     device = "cuda" if torch.cuda.is_available() else "cpu"  # CPU: the interpreter (conftest.py)
-    args = FAST[:-2] + ["--device", device, "--steps", "2", "--save-every", "2"]
+    # beta 0: with the KL on, entries of near-zero gradient (rounding-level differences between the paths) would be
+    # scaled to ~lr by Adam at the second step, see below.
+    args = FAST[:-2] + ["--device", device, "--steps", "2", "--save-every", "2", "--beta", "0"]
     ge.main(args + ["--out", str(tmp_path / "default")])
     try:
         ge.main(args + ["--attention", "triton", "--logprob", "naive", "--out", str(tmp_path / "kernels")])
@@ -135,11 +149,11 @@ def test_kernel_paths_give_the_same_run(tmp_path):
     finally:
         set_attention_backend("sdpa")
     for x, y in zip(rows(tmp_path / "default"), rows(tmp_path / "kernels"), strict=True):
-        for k in ("reward_mean", "reward_std", "loss", "kl", "caption_len", "grad_norm"):
+        for k in ("reward_mean", "reward_std", "loss", "caption_len", "grad_norm"):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
     # Adam scales each update to about lr (1e-2) whatever the gradient's size, so the ~1e-6 relative differences of
     # the kernels' sums move near-zero-gradient entries by up to ~1e-4 after two steps; a wrong kernel moves ~lr.
-    a, b = adapter(last_ckpt(tmp_path / "default") / "adapter"), adapter(last_ckpt(tmp_path / "kernels") / "adapter")
+    a, b = adapter(trained_adapter(tmp_path / "default")), adapter(trained_adapter(tmp_path / "kernels"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-4)
 

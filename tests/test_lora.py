@@ -1,5 +1,5 @@
 """model/lora.py against peft 0.21 (and diffusers' SD3 LoRA files): forward, disable, merge, init, gradients,
-PEFT/diffusers file round trips both ways, bad input."""
+PEFT/diffusers file round trips both ways, stacked (frozen) adapters, bad input."""
 import copy
 import json
 
@@ -9,8 +9,8 @@ from torch import nn
 
 from model.layers import attention
 from model.lora import (
-    LoRALinear, apply_lora, load_lora, lora_disabled, lora_layers, lora_parameters, lora_state_dict, merge_lora,
-    save_lora, set_lora_enabled, unmerge_lora,
+    LoRALinear, apply_lora, freeze_lora, frozen_lora_layers, load_lora, lora_disabled, lora_layers, lora_parameters,
+    lora_state_dict, merge_lora, save_lora, set_lora_enabled, unmerge_lora, unwrap_lora,
 )
 from weights import CheckpointError
 
@@ -95,7 +95,7 @@ def randomize_lora(ours, peft_model=None, seed=2):
                 w = torch.randn(lin.weight.shape, generator=g) * 0.3
                 lin.weight.copy_(w)
                 if inner is not None:
-                    getattr(inner.get_submodule(name), f"lora_{which}")["default"].weight.copy_(w)
+                    getattr(inner.get_submodule(name), f"lora_{which}")[m.adapter_name].weight.copy_(w)
 
 
 def pair(targets, rank=3, alpha=5, dropout=0.0, init="gaussian"):
@@ -187,6 +187,16 @@ def test_merge_unmerge():
             merge_lora(ours)
 
 
+def assert_only_these_train(model, params):
+    """After a backward: `params` train and got a non-zero gradient, every other parameter is frozen, no gradient."""
+    ids = {id(p) for p in params}
+    for n, p in model.named_parameters():
+        if id(p) in ids:
+            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
+        else:
+            assert not p.requires_grad and p.grad is None, n
+
+
 def test_only_lora_params_get_gradients():
     base, ours, _, names = pair(["to_q", "to_v", "fc1"])
     x, mask = make_inputs()
@@ -194,12 +204,7 @@ def test_only_lora_params_get_gradients():
     ours(x, mask).square().mean().backward()
     params = lora_parameters(ours)
     assert len(params) == 2 * len(names) == 2 * 6
-    lora_ids = {id(p) for p in params}
-    for n, p in ours.named_parameters():
-        if id(p) in lora_ids:
-            assert p.requires_grad and p.grad is not None and p.grad.abs().sum() > 0, n
-        else:
-            assert not p.requires_grad and p.grad is None, n
+    assert_only_these_train(ours, params)
     assert x.grad is not None
 
 
@@ -363,6 +368,229 @@ def test_pipeline_file_without_metadata_needs_apply_first(tmp_path):
         assert rel_err(ours(**_sd3_inputs(), return_dict=False)[0], want) <= 1e-5
 
 
+# ---- stacked (frozen) adapters ----
+
+# A release adapter and two training stages. Overlapping target sets, so paths carry one, two or three levels and
+# some levels skip paths below or above them. (Names: peft warns about an adapter name inside "lora_", like "a".)
+LEVELS = [
+    ("release", ["to_q", "to_v", "fc2"], 3, 5),
+    ("stage1", ["to_q", "to_k", "fc2", "head"], 2, 3),
+    ("stage2", r"blocks\.1\.(attn\.to_q|mlp\.fc2|mlp\.fc1)", 4, 4),
+]
+
+
+def peft_paths(ref, adapter):
+    from peft.tuners.lora import LoraLayer
+    return [n.removeprefix("base_model.model.") for n, m in ref.named_modules()
+            if isinstance(m, LoraLayer) and adapter in m.lora_A]
+
+
+def build_stack(base, depth, ref=None, dtype=None):
+    """Ours: levels[:depth] applied in turn, each randomized, every one but the last frozen. With `ref` (a peft model
+    holding the same adapters), the same weights go into it."""
+    ours = copy.deepcopy(base)
+    for i, (name, targets, rank, alpha) in enumerate(LEVELS[:depth]):
+        wrapped = apply_lora(ours, targets, rank, alpha, adapter_name=name, dtype=dtype)
+        if ref is not None:
+            assert wrapped == peft_paths(ref, name)  # frozen levels are matched as the Linear at their path
+        randomize_lora(ours, ref, seed=10 + i)
+        if i < depth - 1:
+            assert freeze_lora(ours) == wrapped
+    return ours
+
+
+def peft_stack(base, depth):
+    ref = None
+    for name, targets, rank, alpha in LEVELS[:depth]:
+        cfg = LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets)
+        if ref is None:
+            ref = get_peft_model(copy.deepcopy(base), cfg, adapter_name=name)
+        else:
+            ref.add_adapter(name, cfg)
+    return ref.eval()
+
+
+def set_peft_active(ref, depth):
+    # PeftModel.set_adapter takes one name; the tuner's set_adapter takes a list and sums the adapters in order
+    ref.base_model.set_adapter([name for name, *_ in LEVELS[:depth]])
+
+
+@pytest.mark.parametrize("depth", [2, 3])
+def test_stack_matches_peft_with_several_active_adapters(depth):
+    base = make_base()
+    ref = peft_stack(base, depth)
+    ours = build_stack(base, depth, ref)
+    x, mask = make_inputs()
+    with torch.no_grad():
+        out = ours(x, mask)
+        set_peft_active(ref, depth)
+        assert rel_err(out, ref(x, mask)) <= 1e-5
+        with lora_disabled(ours):  # the RL reference: newest adapter off, the frozen ones on
+            older = ours(x, mask)
+        set_peft_active(ref, depth - 1)
+        assert rel_err(older, ref(x, mask)) <= 1e-5
+        # every level contributes: the stack differs from one level less, and one level less from the base
+        assert rel_err(out, older) > 1e-3 and rel_err(older, base(x, mask)) > 1e-3
+    assert list(lora_layers(ours)) == peft_paths(ref, LEVELS[depth - 1][0])
+    older_paths = {p for name, *_ in LEVELS[:depth - 1] for p in peft_paths(ref, name)}
+    frozen = frozen_lora_layers(ours)
+    assert set(frozen) == older_paths
+    # the outermost frozen level per path: the newest frozen adapter that targets it
+    for path, m in frozen.items():
+        assert m.frozen and m.adapter_name == next(name for name, *_ in reversed(LEVELS[:depth - 1])
+                                                   if path in peft_paths(ref, name))
+
+
+def test_stack_parameter_names():
+    base = make_base()
+    ours = build_stack(base, 3)
+    sd = ours.state_dict()
+    # blocks.1.attn.to_q carries all three levels; the active one keeps peft's names, each frozen one gains a
+    # base_layer. per level above it
+    p = "blocks.1.attn.to_q"
+    assert {k for k in sd if k.startswith(p + ".")} == {
+        f"{p}.lora_A.stage2.weight", f"{p}.lora_B.stage2.weight",
+        f"{p}.base_layer.lora_A.stage1.weight", f"{p}.base_layer.lora_B.stage1.weight",
+        f"{p}.base_layer.base_layer.lora_A.release.weight", f"{p}.base_layer.base_layer.lora_B.release.weight",
+        f"{p}.base_layer.base_layer.base_layer.weight", f"{p}.base_layer.base_layer.base_layer.bias",
+    }
+    assert set(lora_state_dict(ours)) == {f"{n}.lora_{w}.stage2.weight" for n in lora_layers(ours) for w in "AB"}
+    inner = ours.get_submodule(p).linear
+    assert type(inner) is nn.Linear and torch.equal(inner.weight, base.get_submodule(p).weight)
+    assert ours.get_submodule(p).weight is inner.weight
+    assert (ours.get_submodule(p).in_features, ours.get_submodule(p).out_features) == (D, D)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_freeze_then_new_adapter_is_bitwise_the_same_model(dtype):
+    base = make_base().to(dtype)
+    ours = copy.deepcopy(base)
+    apply_lora(ours, ["to_q", "to_v", "fc2"], rank=3, alpha=5)
+    randomize_lora(ours)
+    x, mask = make_inputs()
+    x = x.to(dtype)
+    with torch.no_grad():
+        before = ours(x, mask)
+        assert not torch.equal(before, base(x, mask))
+        freeze_lora(ours)
+        assert not any(p.requires_grad for p in ours.parameters())
+        assert torch.equal(ours(x, mask), before)
+        apply_lora(ours, ["to_q", "to_k", "fc1"], rank=2, alpha=4)  # fresh: B = 0
+        assert torch.equal(ours(x, mask), before)
+        with lora_disabled(ours):
+            assert torch.equal(ours(x, mask), before)
+
+
+def test_stack_only_new_adapter_trains():
+    ours = build_stack(make_base(), 3)
+    new = lora_layers(ours)
+    params = lora_parameters(ours)
+    assert len(params) == 2 * len(new) == 2 * 3
+    assert {id(p) for p in params} == {id(m.A.weight) for m in new.values()} | {id(m.B.weight) for m in new.values()}
+    x, mask = make_inputs()
+    ours(x, mask).square().mean().backward()
+    assert_only_these_train(ours, params)
+
+
+def test_stack_merge_unmerge_touches_innermost_weight():
+    base = make_base()
+    ours = build_stack(base, 2)
+    x, mask = make_inputs()
+    frozen_before = {k: v.clone() for k, v in ours.state_dict().items() if ".base_layer.lora_" in k}
+    with torch.no_grad():
+        want = ours(x, mask)
+        merge_lora(ours)
+        assert rel_err(ours(x, mask), want) <= 1e-5
+        p = "blocks.0.attn.to_q"  # b on top of a
+        assert not torch.equal(ours.get_submodule(p).weight, base.get_submodule(p).weight)
+        with pytest.raises(ValueError, match="frozen"):
+            ours.get_submodule(p).base_layer.merge()
+        unmerge_lora(ours)
+        assert rel_err(ours.get_submodule(p).weight, base.get_submodule(p).weight) <= 1e-6
+        assert rel_err(ours(x, mask), want) <= 1e-5
+    assert all(torch.equal(v, ours.state_dict()[k]) for k, v in frozen_before.items())
+
+
+def test_stack_save_load_round_trip(tmp_path):
+    base = make_base()
+    ours = build_stack(base, 3)
+    save_lora(ours, tmp_path)
+    config = json.loads((tmp_path / "adapter_config.json").read_text())
+    # the file describes the active adapter alone, at the outer wrapper's paths
+    from safetensors.torch import load_file
+    keys = set(load_file(tmp_path / "adapter_model.safetensors"))
+    assert keys == {f"base_model.model.{n}.lora_{w}.weight" for n in lora_layers(ours) for w in "AB"}
+    assert (config["r"], config["lora_alpha"]) == (4, 4)
+    x, mask = make_inputs()
+    with torch.no_grad():
+        want = ours(x, mask)
+        # onto a fresh model with the same frozen stack
+        again = build_stack(base, 2)
+        freeze_lora(again)
+        assert load_lora(again, tmp_path, adapter_name="stage2") == list(lora_layers(ours))
+        assert torch.equal(again(x, mask), want)
+        assert set(again.state_dict()) == set(ours.state_dict())
+        # onto the plain base: the adapter alone, as peft reads the same folder
+        plain = copy.deepcopy(base)
+        load_lora(plain, tmp_path)
+        assert not frozen_lora_layers(plain)
+        assert rel_err(plain(x, mask), PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()(x, mask)) <= 1e-5
+        assert rel_err(plain(x, mask), want) > 1e-3  # the frozen levels were not in the file
+
+
+def test_unwrap_merge_matches_stack_and_peft_merge():
+    base = make_base()
+    ref = peft_stack(base, 3)
+    ours = build_stack(base, 3, ref)
+    x, mask = make_inputs()
+    with torch.no_grad():
+        want = ours(x, mask)
+        paths = set(frozen_lora_layers(ours)) | set(lora_layers(ours))
+        assert set(unwrap_lora(ours, merge=True)) == paths
+        assert not any(isinstance(m, LoRALinear) for m in ours.modules())
+        assert ours.state_dict().keys() == base.state_dict().keys()
+        assert rel_err(ours(x, mask), want) <= 1e-5
+        set_peft_active(ref, 3)
+        merged = ref.merge_and_unload()
+        for k, v in merged.state_dict().items():
+            assert torch.allclose(ours.state_dict()[k], v, rtol=1e-6, atol=1e-7), k
+        assert any(not torch.equal(ours.state_dict()[k], v) for k, v in base.state_dict().items())
+
+
+def test_unwrap_merge_bf16_rounds_as_peft():
+    # In bf16 every level's add rounds, so the order and the rounding matter. peft keeps adapters of a bf16 model in
+    # fp32 (autocast_adapter_dtype=True) and adds each fp32 delta into the bf16 weight, oldest level first.
+    base = make_base().to(torch.bfloat16)
+    ref = peft_stack(base, 3)
+    assert all(p.dtype == torch.float32 for n, p in ref.named_parameters() if ".lora_" in n)
+    ours = build_stack(base, 3, ref, dtype=torch.float32)
+    with torch.no_grad():
+        unwrap_lora(ours, merge=True)
+        set_peft_active(ref, 3)
+        merged = ref.merge_and_unload().state_dict()
+    for k, v in ours.state_dict().items():
+        assert torch.equal(v, merged[k]), k
+
+
+def test_unwrap_drop_is_base_exactly():
+    base = make_base()
+    ours = build_stack(base, 3)
+    x, mask = make_inputs()
+    unwrap_lora(ours, merge=False)
+    assert not any(isinstance(m, LoRALinear) for m in ours.modules())
+    sd = ours.state_dict()
+    assert sd.keys() == base.state_dict().keys()
+    assert all(torch.equal(sd[k], v) for k, v in base.state_dict().items())
+    with torch.no_grad():
+        assert torch.equal(ours(x, mask), base(x, mask))
+    # a merged active adapter is taken back out of the weight before it is dropped
+    ours = build_stack(base, 2)
+    merge_lora(ours)
+    unwrap_lora(ours, merge=False)
+    for k, v in base.state_dict().items():
+        assert torch.allclose(ours.state_dict()[k], v, rtol=1e-6, atol=1e-6), k
+
+
 # ---- bad input ----
 
 def test_target_matching_nothing():
@@ -399,11 +627,23 @@ def test_second_adapter_and_missing_adapter():
         set_lora_enabled(model, False)
     with pytest.raises(ValueError, match="no LoRA layers"):
         save_lora(model, "unused")
+    assert freeze_lora(model) == []
     apply_lora(model, ["to_q"], rank=2, alpha=2)
-    with pytest.raises(ValueError, match="already has LoRA"):
+    # a second adapter goes on top of a frozen first one only, never beside an active one
+    with pytest.raises(ValueError, match="already has LoRA.*freeze_lora"):
         apply_lora(model, ["to_k"], rank=2, alpha=2, adapter_name="other")
+    with pytest.raises(ValueError, match="active LoRALinear.*freeze_lora"):
+        LoRALinear(model.blocks[0].attn.to_q, 2, 2)
     with pytest.raises(TypeError, match="nn.Linear"):
         LoRALinear(nn.LayerNorm(3), 2, 2)
+    assert freeze_lora(model) == ["blocks.0.attn.to_q", "blocks.1.attn.to_q"]
+    # with only frozen adapters left, the active-adapter functions have nothing to act on
+    for fn in (lambda: set_lora_enabled(model, False), lambda: save_lora(model, "unused"),
+               lambda: lora_parameters(model), lambda: merge_lora(model)):
+        with pytest.raises(ValueError, match="no LoRA layers besides 2 frozen"):
+            fn()
+    assert apply_lora(model, ["to_q", "to_k"], rank=2, alpha=2, adapter_name="other") == \
+        ["blocks.0.attn.to_q", "blocks.0.attn.to_k", "blocks.1.attn.to_q", "blocks.1.attn.to_k"]
 
 
 def _peft_folder(tmp_path, rank=3, targets=("to_k", "fc1"), **extra):
@@ -466,3 +706,41 @@ def test_load_bad_paths(tmp_path):
     folder = _peft_folder(tmp_path / "a")
     with pytest.raises(CheckpointError, match="no key starts with prefix 'transformer.'"):
         load_lora(make_base(), folder, prefix="transformer")
+
+
+def test_freeze_refuses_merged_or_disabled():
+    model = make_base()
+    apply_lora(model, ["to_q", "fc1"], rank=2, alpha=2)
+    randomize_lora(model)
+    merge_lora(model)
+    with pytest.raises(ValueError, match=r"cannot freeze merged or disabled.*'blocks.0.attn.to_q'.*unmerge_lora"):
+        freeze_lora(model)
+    unmerge_lora(model)
+    set_lora_enabled(model, False)
+    with pytest.raises(ValueError, match=r"cannot freeze merged or disabled.*set_lora_enabled\(True\)"):
+        freeze_lora(model)
+    assert len(lora_layers(model)) == 4 and not frozen_lora_layers(model)  # nothing was frozen
+    set_lora_enabled(model, True)
+    freeze_lora(model)
+    with pytest.raises(ValueError, match="already frozen"):
+        model.blocks[0].attn.to_q.freeze()
+
+
+def test_stack_targets_never_reach_inside_a_frozen_layer():
+    model = make_base()
+    apply_lora(model, ["to_q"], rank=2, alpha=2)
+    freeze_lora(model)
+    for targets in (["base_layer"], ["to_q.base_layer"], ["lora_A.default"], r".*\.to_q\..*"):
+        with pytest.raises(ValueError, match="match no module"):
+            apply_lora(model, targets, rank=2, alpha=2)
+    # full-match regexes and names see the frozen layer at the Linear's path
+    assert apply_lora(copy.deepcopy(model), r"blocks\.0\.attn\.to_q", rank=2, alpha=2) == ["blocks.0.attn.to_q"]
+    assert apply_lora(model, ["blocks.1.attn.to_q"], rank=2, alpha=2) == ["blocks.1.attn.to_q"]
+
+
+def test_unwrap_merge_refuses_disabled():
+    model = build_stack(make_base(), 2)
+    set_lora_enabled(model, False)
+    with pytest.raises(ValueError, match=r"cannot merge disabled.*merge=False"):
+        unwrap_lora(model, merge=True)
+    assert lora_layers(model) and frozen_lora_layers(model)  # nothing was unwrapped

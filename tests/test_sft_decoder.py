@@ -10,7 +10,7 @@ import train.sft_decoder as sd
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, without_time
+from tests.run_helpers import adapter, last_ckpt, model_file, rows, torchrun_two, trained, without_time
 
 ROOT = Path(__file__).resolve().parents[1]
 FAST = ["--batch-size", "2", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-3", "--device", "cpu"]
@@ -50,16 +50,16 @@ def test_metrics_adapters_off_and_loss_falls(tmp_path):
     assert {"loss", "sigma_mean", "grad_norm", "s_per_step"} <= set(r[0])
     first, last = sum(x["loss"] for x in r[:4]) / 4, sum(x["loss"] for x in r[-4:]) / 4
     assert last < 0.9 * first, (first, last)
-    base, trained = UAE.tiny(0), UAE.tiny(0)
-    load_lora(trained.dit, last_ckpt(out) / "adapter")
+    base, model = UAE.tiny(0), UAE.tiny(0)
+    load_lora(model.dit, trained(out, "dit"))
     x = torch.randn(1, *base.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ctx = base.encode_text(["a red circle"])
         t = torch.full((1,), 500.0)
-        v_base = base.velocity_fn(ctx, None, 1.0)(x, t)
-        with lora_disabled(trained.dit):
-            v_off = trained.velocity_fn(ctx, None, 1.0)(x, t)
-        v_on = trained.velocity_fn(ctx, None, 1.0)(x, t)
+        v_base = base.velocity_fn(ctx)(x, t)
+        with lora_disabled(model.dit):
+            v_off = model.velocity_fn(ctx)(x, t)
+        v_on = model.velocity_fn(ctx)(x, t)
     assert torch.equal(v_off, v_base) and (v_on - v_base).abs().max() > 1e-6
 
 
@@ -71,12 +71,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
     sd.main(common + ["--steps", "1", "--out", str(part)])
     sd.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
-    sa, sb = state(full), state(part)
-    assert all(torch.equal(sa["connector"][k], sb["connector"][k]) for k in sa["connector"])
-    if lora_rank == "0":
-        assert all(torch.equal(sa["dit"][k], sb["dit"][k]) for k in sa["dit"])
-    else:
-        a, b = adapter(last_ckpt(full) / "adapter"), adapter(last_ckpt(part) / "adapter")
+    for name in ("connector.safetensors",) + (("dit.safetensors",) if lora_rank == "0" else ()):
+        a, b = model_file(full, name), model_file(part, name)
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
+    if lora_rank != "0":
+        a, b = adapter(trained(full, "dit")), adapter(trained(part, "dit"))
         assert all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="batch_size"):
         sd.main(common[2:] + ["--batch-size", "4", "--steps", "4", "--out", str(part), "--resume"])
@@ -90,10 +89,11 @@ def test_two_processes_equal_one_adapters(tmp_path):
     args = FAST + ["--steps", "3", "--save-every", "3"]
     sd.main(args + ["--out", str(tmp_path / "one")])
     torchrun(args, tmp_path / "two")
-    a, b = adapter(last_ckpt(tmp_path / "one") / "adapter"), adapter(last_ckpt(tmp_path / "two") / "adapter")
+    a, b = adapter(trained(tmp_path / "one", "dit")), adapter(trained(tmp_path / "two", "dit"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
-    ca, cb = state(tmp_path / "one")["connector"], state(tmp_path / "two")["connector"]
+    ca = model_file(tmp_path / "one", "connector.safetensors")
+    cb = model_file(tmp_path / "two", "connector.safetensors")
     for k in ca:
         torch.testing.assert_close(cb[k], ca[k], rtol=1e-5, atol=1e-5)
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
@@ -106,11 +106,10 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
     sd.main(args + ["--steps", "3", "--out", str(tmp_path / "one")])
     torchrun(args + ["--fsdp", "--steps", "2"], tmp_path / "two")
     torchrun(args + ["--fsdp", "--steps", "3", "--resume"], tmp_path / "two")
-    one, two = state(tmp_path / "one"), state(tmp_path / "two")
-    assert two["step"] == 3
-    full = {**{"dit." + k: v for k, v in one["dit"].items()},
-            **{"connector." + k: v for k, v in one["connector"].items()}}
-    assert full.keys() == two["trained"].keys()
-    for k in full:
-        torch.testing.assert_close(two["trained"][k], full[k], rtol=1e-5, atol=1e-5)
+    assert state(tmp_path / "two")["step"] == 3
+    for name in ("dit.safetensors", "connector.safetensors"):
+        one, two = model_file(tmp_path / "one", name), model_file(tmp_path / "two", name)
+        assert one.keys() == two.keys()
+        for k in one:
+            torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5)
     assert rows(tmp_path / "two")[-1]["loss"] == pytest.approx(rows(tmp_path / "one")[-1]["loss"], rel=1e-5)

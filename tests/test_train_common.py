@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from model.layers import get_attention_backend
-from train.common import (MetricsLogger, NonFiniteGuard, build_uae, latest_checkpoint, load_checkpoint_state, option,
-                          parse_options, rng_state, save_checkpoint, set_rng_state)
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, build_uae, latest_checkpoint,
+                          load_checkpoint_state, option, parse_options, rng_state, save_checkpoint, set_rng_state)
 
 
 @dataclass
@@ -103,7 +103,7 @@ def test_reduce_stats_mean_min_max():
 def test_build_uae_refuses_triton_attention_without_cuda_or_interpreter(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(ValueError, match="--attention triton needs a CUDA device"):
-        build_uae("", 0, torch.float32, torch.device("cpu"), "triton")
+        build_uae(RunOptions(attention="triton"), torch.float32, torch.device("cpu"))
     with pytest.raises(ValueError, match="attention backend must be one of"):
-        build_uae("", 0, torch.float32, torch.device("cpu"), "flash")
+        build_uae(RunOptions(attention="flash"), torch.float32, torch.device("cpu"))
     assert get_attention_backend() == "sdpa"

@@ -1,17 +1,15 @@
 """model/uae.py and model/uae_release.py: the composed model, its conditioning, the cold-start path, and loading a
 tiny fake UAE release written with transformers / diffusers / peft."""
-import json
-import math
+import dataclasses
 
 import pytest
 import torch
 from PIL import Image
-from safetensors.torch import load_file, save_file
 
-from model.flow import euler_step, flow_sigmas
-from model.lora import apply_lora, lora_layers
+from model.flow import flow_sigmas, guided_velocity, sample_ode
+from model.lora import apply_lora, frozen_lora_layers, lora_layers
 from model.uae import NEGATIVE_PROMPT, UAE
-from tests.tiny_qwen_tokenizer import TINY_SPECIAL_IDS, TINY_VOCAB_SIZE, build_tiny_qwen_tokenizer_dir
+from tests.fake_release import LLM_LORA_MODULES, build_fake_release
 from train.data import procedural_scene
 
 
@@ -56,17 +54,22 @@ def test_conditioning_and_guided_velocity(tiny):
     torch.testing.assert_close(context, want[1:])
     torch.testing.assert_close(negative, want[:1].expand(2, -1, -1))
     x = torch.randn(2, 16, 8, 8)
-    t = torch.tensor([900.0, 300.0])
+    sigma = torch.tensor(0.7)
+    t = torch.full((2,), 700.0)
     pooled = tiny.connector.pooled.expand(2, -1)
     with torch.no_grad():
-        v = tiny.velocity_fn(context, negative, 4.0)(x, t)
+        v = guided_velocity(tiny.velocity_fn(context, negative), x, sigma, 4.0)
         v_u = tiny.dit(x, t, negative, pooled)
         v_c = tiny.dit(x, t, context, pooled)
         # Contexts of different lengths take the two-call path; same result as padding them together here.
-        v_split = tiny.velocity_fn(context[:, :-1], negative, 4.0)(x, t)
+        v_split = guided_velocity(tiny.velocity_fn(context[:, :-1], negative), x, sigma, 4.0)
         v_c_short = tiny.dit(x, t, context[:, :-1], pooled)
+        v_plain = tiny.velocity_fn(context)(x, t)
     torch.testing.assert_close(v, v_u + 4.0 * (v_c - v_u), rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(v_split, v_u + 4.0 * (v_c_short - v_u), rtol=1e-5, atol=1e-5)
+    assert torch.equal(v_plain, v_c)
+    with pytest.raises(ValueError, match="doubled batch"):
+        tiny.velocity_fn(context, negative)(x, t)
     with pytest.raises(ValueError, match="multiples of 16"):
         tiny.latent_shape(1, 60, 64)
 
@@ -83,11 +86,7 @@ def test_cold_start_gradients_reach_both_halves():
     assert context.shape[:2] == out.new_tokens.shape and context.requires_grad
     with torch.no_grad():
         negative = uae.encode_text([NEGATIVE_PROMPT]).expand(2, -1, -1)
-    velocity = uae.velocity_fn(context, negative, 3.0)
-    sigmas = flow_sigmas(2)
-    x = torch.randn(2, 16, 8, 8)
-    for i in range(2):
-        x = euler_step(velocity(x, (sigmas[i] * 1000).expand(2)), x, sigmas[i], sigmas[i + 1])
+    x = sample_ode(uae.velocity_fn(context, negative), torch.randn(2, 16, 8, 8), flow_sigmas(2), guidance_scale=3.0)
     recon = uae.vae.decode(uae.vae.from_model_latents(x))
     recon.square().mean().backward()
     for half in (uae.lvlm, uae.dit):
@@ -97,100 +96,10 @@ def test_cold_start_gradients_reach_both_halves():
     assert all(p.grad is None for n, p in uae.lvlm.named_parameters() if "lora_" not in n)
 
 
-# ------------------------------------------------------------------------------------------- a fake release
-
-QWEN_TEXT = dict(vocab_size=TINY_VOCAB_SIZE, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                 num_attention_heads=2, num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=10000.0,
-                 rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]}, max_position_embeddings=512)
-SD3 = dict(sample_size=32, patch_size=2, in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=2,
-           joint_attention_dim=20, caption_projection_dim=16, pooled_projection_dim=10, out_channels=16,
-           pos_embed_max_size=32, qk_norm="rms_norm")
-VAE = dict(block_out_channels=(8, 16, 16, 16), layers_per_block=1, norm_num_groups=4, latent_channels=16,
-           down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-           scaling_factor=1.5305, shift_factor=0.0609, use_quant_conv=False, use_post_quant_conv=False)
-LLM_LORA_MODULES = ["language_model.layers.0.self_attn.q_proj", "language_model.layers.1.mlp.down_proj"]
-
-
-def _randomise(module, seed, scale=1.0):
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * scale / math.sqrt(max(p[0].numel(), 1) if p.ndim > 1 else 10))
-
-
 @pytest.fixture(scope="module")
 def release(tmp_path_factory):
-    from diffusers import AutoencoderKL, SD3Transformer2DModel
-    from peft import LoraConfig, get_peft_model
-    from transformers import (CLIPTextConfig, CLIPTextModelWithProjection, Qwen2_5_VLConfig,
-                              Qwen2_5_VLForConditionalGeneration)
-
     root = tmp_path_factory.mktemp("UAE")
-    refs = {}
-    # llm_model/: Qwen2.5-VL + projector + tokenizer.
-    qcfg = Qwen2_5_VLConfig(text_config=QWEN_TEXT, vision_config=dict(depth=2, hidden_size=16, intermediate_size=24,
-                                                                      num_heads=2, out_hidden_size=16, window_size=56,
-                                                                      fullatt_block_indexes=[1]),
-                            image_token_id=TINY_SPECIAL_IDS["<|image_pad|>"],
-                            video_token_id=TINY_SPECIAL_IDS["<|video_pad|>"],
-                            vision_start_token_id=TINY_SPECIAL_IDS["<|vision_start|>"],
-                            vision_end_token_id=TINY_SPECIAL_IDS["<|vision_end|>"], tie_word_embeddings=True)
-    torch.manual_seed(0)
-    qwen = Qwen2_5_VLForConditionalGeneration(qcfg).eval()
-    _randomise(qwen, 0)
-    qwen.save_pretrained(root / "llm_model", safe_serialization=True)
-    build_tiny_qwen_tokenizer_dir(root / "llm_model")
-    shard = next((root / "llm_model").glob("*.safetensors"))
-    tensors = load_file(shard)
-    g = torch.Generator().manual_seed(1)
-    refs["projector"] = {"projector.0.weight": torch.randn(40, 16, generator=g) * 0.2,
-                         "projector.0.bias": torch.randn(40, generator=g) * 0.1,
-                         "projector.2.weight": torch.randn(20, 40, generator=g) * 0.2,
-                         "projector.2.bias": torch.randn(20, generator=g) * 0.1}
-    save_file({**tensors, **refs["projector"]}, shard, metadata={"format": "pt"})
-    refs["qwen"] = qwen
-    # llm_lora/: sharded state dict of the peft-wrapped model; LoRA tensors plus base weights the loader ignores.
-    lora = {}
-    for i, path in enumerate(LLM_LORA_MODULES):
-        base = qwen.get_submodule("model." + path)
-        a = torch.randn(4, base.in_features, generator=g) * 0.3
-        b = torch.randn(base.out_features, 4, generator=g) * 0.3
-        lora[f"model.base_model.model.{path}.lora_A.default.weight"] = a
-        lora[f"model.base_model.model.{path}.lora_B.default.weight"] = b
-        lora[f"model.base_model.model.{path}.base_layer.weight"] = base.weight.detach().clone()
-        refs.setdefault("llm_delta", {})[path] = (64.0 / 4) * b @ a
-    (root / "llm_lora").mkdir()
-    keys = sorted(lora)
-    save_file({k: lora[k] for k in keys[:3]}, root / "llm_lora" / "model-00001-of-00002.safetensors")
-    save_file({k: lora[k] for k in keys[3:]}, root / "llm_lora" / "model-00002-of-00002.safetensors")
-    # SD3/: vae, scheduler, the two CLIP text encoders; dit/: the transformer; dit_lora/: a peft adapter.
-    torch.manual_seed(2)
-    dit = SD3Transformer2DModel(**SD3).eval()
-    _randomise(dit, 2)
-    dit.save_pretrained(root / "dit", safe_serialization=True)
-    vae = AutoencoderKL(**VAE).eval()
-    _randomise(vae, 3)
-    vae.save_pretrained(root / "SD3" / "vae", safe_serialization=True)
-    (root / "SD3" / "scheduler").mkdir(parents=True)
-    (root / "SD3" / "scheduler" / "scheduler_config.json").write_text(json.dumps({"shift": 3.0}))
-    encoders = []
-    for sub, proj, pad in (("text_encoder", 4, 49407), ("text_encoder_2", 6, 0)):
-        enc = CLIPTextModelWithProjection(CLIPTextConfig(hidden_size=16, intermediate_size=24, num_hidden_layers=2,
-                                                         num_attention_heads=2, projection_dim=proj,
-                                                         hidden_act="gelu", eos_token_id=2)).eval()
-        _randomise(enc, 4 + proj)
-        enc.save_pretrained(root / "SD3" / sub, safe_serialization=True)
-        encoders.append((enc, pad))
-    refs["encoders"] = encoders
-    peft_dit = get_peft_model(dit, LoraConfig(r=2, lora_alpha=4, target_modules=["to_q", "add_v_proj"],
-                                              init_lora_weights="gaussian"))
-    with torch.no_grad():
-        for n, p in peft_dit.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.5)
-    peft_dit.save_pretrained(root / "dit_lora")
-    refs["dit"] = peft_dit.eval()
-    return root, refs
+    return root, build_fake_release(root)
 
 
 def test_release_loads_every_part(release):
@@ -215,7 +124,9 @@ def test_release_loads_every_part(release):
             qwen.get_submodule("model." + path).weight -= delta
         got = uae.lvlm(ids)
     assert rel_err(got, want) <= 1e-5
-    assert sorted(lora_layers(uae.lvlm)) == sorted(LLM_LORA_MODULES)
+    # The release's adapters are part of the base: frozen, not trainable adapters.
+    assert sorted(frozen_lora_layers(uae.lvlm)) == sorted(LLM_LORA_MODULES) and not lora_layers(uae.lvlm)
+    assert sorted(frozen_lora_layers(uae.dit)) and not lora_layers(uae.dit)
     # Connector == the release's projector; pooled == SD3's CLIP-L + CLIP-G pooled embeddings of "" (77 tokens).
     assert torch.equal(uae.connector.fc1.weight, refs["projector"]["projector.0.weight"])
     assert torch.equal(uae.connector.fc2.bias, refs["projector"]["projector.2.bias"])
@@ -266,3 +177,24 @@ def test_pad_to_extends_the_right_padding(tiny):
     assert mask2[:, ids.shape[1]:].sum() == 0
     with pytest.raises(ValueError, match="shorter than the longest text"):
         tiny.generate_ids(["a much longer caption about a cat"], pad_to=2)
+
+
+def test_captions_end_before_a_sampled_placeholder(tiny, monkeypatch):
+    # A sampled <|image_pad|> / <|video_pad|> cannot be re-encoded with the image (the LVLM counts image tokens
+    # against its patches): the caption ends before the first one, in the text and in the mask the cold start uses.
+    p = tiny.processor
+    real = tiny.lvlm.generate
+
+    def with_placeholders(*a, **k):
+        out = real(*a, **k)
+        tokens = out.new_tokens.clone()
+        tokens[0, 2], tokens[1, 3] = p.image_token_id, p.video_token_id
+        return dataclasses.replace(out, new_tokens=tokens)
+
+    monkeypatch.setattr(tiny.lvlm, "generate", with_placeholders)
+    images = [procedural_scene(i, size=64)[0] for i in range(2)]
+    texts, inputs, out = tiny.caption(images, max_new_tokens=6, do_sample=False, return_output=True)
+    assert out.mask.sum(1).tolist() == [2, 3] and not out.mask[:, 3:].any()
+    assert texts == [p.batch_decode([out.new_tokens[i, :n].tolist()])[0].strip() for i, n in enumerate([2, 3])]
+    context = tiny.caption_context(inputs, out.new_tokens, out.mask)  # raised "... image tokens ..." before
+    assert context.shape[:2] == out.new_tokens.shape

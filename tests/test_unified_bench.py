@@ -12,21 +12,7 @@ from PIL import Image
 from eval.reward import ReconstructionReward, clip_backbone
 from eval.unified_bench import load_backbones, main, pair_folders, score_pairs
 from model.clip import CLIP, CLIPConfig, clip_preprocess
-
-
-def _save_tiny_clip(path):
-    from transformers import CLIPConfig as HFConfig
-    from transformers import CLIPModel
-
-    torch.manual_seed(0)
-    cfg = HFConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
-                                    num_attention_heads=4, max_position_embeddings=20),
-                   vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
-                                      image_size=224, patch_size=32),
-                   projection_dim=16)
-    model = CLIPModel(cfg).eval()
-    model.save_pretrained(path, safe_serialization=True)
-    return model
+from tests.fake_release import save_tiny_clip as _save_tiny_clip
 
 
 def _save_tiny_dinov2(path):
@@ -157,3 +143,12 @@ def test_help_runs(capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "score" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:
+        main(["run", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0
+    # The shared model and sampling options; the caption prompt defaults to the benchmark's.
+    for flag in ("--uae", "--tiny", "--run", "--no-ema", "--dtype", "--seed", "--height", "--width", "--steps",
+                 "--guidance-scale", "--prompt PROMPT"):
+        assert flag in text, flag
+    assert "(default: bench)" in text and "--size" not in text

@@ -13,12 +13,12 @@ Launch:
     # 1 GPU, official weights
     torchrun --nproc_per_node=1 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
         --data data/images/ --dtype bf16 --size 512 --sample-steps 10 --guidance-scale 5 --lr 1e-4 --batch-size 1 \
-        --grad-checkpointing --out runs/cold_start
-    # 8 GPUs
-    torchrun --nproc_per_node=8 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
-        --data data/images/ --dtype bf16 --size 512 --sample-steps 10 --guidance-scale 5 --lr 1e-4 --batch-size 8 \
-        --grad-checkpointing --out runs/cold_start
-    # resume: add --resume
+        --grad-checkpointing --steps 1000 --out runs/cold_start
+    # 8 GPUs, as the pipeline's stage 1: starting from the decoder's long-caption SFT run (stage 0) with --init
+    torchrun --nproc_per_node=8 train/cold_start.py --uae ckpt/UAE --init runs/sft_decoder \
+        --clip ckpt/clip-vit-large-patch14 --data data/images/ --dtype bf16 --size 512 --sample-steps 10 \
+        --guidance-scale 5 --lr 1e-4 --batch-size 8 --grad-checkpointing --steps 1000 --out runs/cold_start
+    # resume: the same command with --resume
 """
 from __future__ import annotations
 
@@ -31,22 +31,20 @@ if __package__ in (None, ""):  # `torchrun train/cold_start.py` runs the file as
 
 import torch
 
-from model.flow import euler_step, flow_sigmas
-from model.lora import apply_lora, load_lora, lora_parameters, save_lora
-from model.uae import NEGATIVE_PROMPT
-from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset, build_reward,
-                          build_uae, close_distributed, global_max, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank,
-                          step_generator)
+from model.flow import flow_sigmas, sample_ode
+from model.lora import apply_lora, load_lora, lora_parameters
+from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS, NEGATIVE_PROMPT
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
+                          build_reward, build_uae, close_distributed, global_max, init_distributed, is_tiny, option,
+                          parse_dtype, parse_options, reduce_stats, resume_checkpoint, rng_state, save_run_checkpoint,
+                          set_rng_state, split_for_rank, step_generator, trained_adapter)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
-from train.grpo_decoder import DIT_LORA_TARGETS
-from train.grpo_encoder import LLM_LORA_TARGETS
 
 
 @dataclass
 class Options(RunOptions):
     clip: str = option("", "CLIP ViT-L/14 folder for the loss; empty = a tiny random CLIP (tiny preset only)")
-    out: str = option("runs/cold_start", "run folder: metrics.jsonl, checkpoints, adapters")
+    out: str = option("runs/cold_start", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     # Tiny no-argument run: one procedural image at lr 1e-2, so the loss visibly falls in a minute (the tiny random
     # captioner writes near-identical captions for different images, so several images cannot be told apart).
     # Real runs pass --data and the paper-scale lr (see the launch lines).
@@ -61,19 +59,8 @@ class Options(RunOptions):
     train_connector: bool = option(True, "train the connector's full weights")
 
 
-RESUME_KEYS = ("uae", "data", "batch_size", "size", "sample_steps", "lora_rank", "lora_alpha", "train_connector",
-               "seed")
-
-
-def sample_with_grad(velocity, noise, sigmas, grad_last_k: int):
-    """Euler ODE sampling that keeps the graph (through the last `grad_last_k` steps only, if > 0)."""
-    x = noise
-    n = len(sigmas) - 1
-    for i in range(n):
-        with torch.set_grad_enabled(grad_last_k <= 0 or i >= n - grad_last_k):
-            t = (sigmas[i] * 1000).expand(x.shape[0])
-            x = euler_step(velocity(x, t), x, sigmas[i], sigmas[i + 1])
-    return x
+RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "sample_steps", "lora_rank", "lora_alpha",
+                           "train_connector", "seed")
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -82,36 +69,36 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = parse_dtype(o.dtype)
     mine = split_for_rank(o.batch_size, d, "batch_size")
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
-    reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    uae, inherited = build_uae(o, dtype, d.device, folder)
+    reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
     apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha,
                init="gaussian")
     apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
     params = lora_parameters(uae.lvlm) + lora_parameters(uae.dit)
+    uae.connector.float()  # trained (or handed on) in fp32
     if o.train_connector:
         uae.connector.requires_grad_(True)
         params += list(uae.connector.parameters())
     for p in params:
         p.data = p.data.float()
-    uae.connector.float()
     uae.lvlm.gradient_checkpointing = uae.dit.gradient_checkpointing = o.grad_checkpointing
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     dataset = build_dataset(o, need_caption=False)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
-    if state is not None:
-        load_lora(uae.lvlm, folder / "llm_adapter")
-        load_lora(uae.dit, folder / "dit_adapter")
-        if o.train_connector:
-            uae.connector.load_state_dict(state["connector"])
+    if state is not None:  # the trained connector came back with the checkpoint's model/ (build_uae)
+        load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
+        load_lora(uae.dit, trained_adapter(folder, "dit"))
         opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
+        set_rng_state(state["rng"])
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
+    guidance = o.guidance_scale if o.guidance_scale > 1 else None
     metrics: dict = {}
 
     for step in range(start + 1, o.steps + 1):
@@ -121,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = torch.randint(2**31 - 1, (o.batch_size,), generator=gen)[mine].tolist()
         mine_images = [im for im, _ in images[mine]]
 
-        # 1. Captions (sampled, no gradient through the tokens), one seeded generator per image.
+        # 1. Captions (sampled, no gradient through the tokens), one seeded generator per image; each ends before any
+        #    sampled image placeholder (UAE.caption), so the caption re-encodes with its image.
         kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
         outs = [uae.caption([im], temperature=o.caption_temperature, generator=torch.Generator().manual_seed(s),
                             return_output=True, **kw)[2] for im, s in zip(mine_images, seeds)]
@@ -132,12 +120,14 @@ def main(argv: list[str] | None = None) -> dict:
         masks = torch.cat([torch.nn.functional.pad(out.mask, (0, n_max - out.mask.shape[1]), value=False)
                            for out in outs])
 
-        # 2. Differentiable reconstruction conditioned on the caption tokens' hidden states (image in context).
+        # 2. Differentiable reconstruction conditioned on the caption tokens' hidden states (image in context):
+        #    Euler ODE sampling with gradients through every step (or the last --grad-last-k), both CFG branches.
         opt.zero_grad(set_to_none=True)
         context = uae.caption_context(uae.caption_inputs(mine_images), tokens, masks)
         with torch.no_grad():
-            negative = uae.encode_text([NEGATIVE_PROMPT]).expand(len(mine_images), -1, -1)
-        latents = sample_with_grad(uae.velocity_fn(context, negative, o.guidance_scale), noise, sigmas, o.grad_last_k)
+            negative = uae.encode_text([NEGATIVE_PROMPT]).expand(len(mine_images), -1, -1) if guidance else None
+        latents = sample_ode(uae.velocity_fn(context, negative), noise, sigmas, guidance_scale=guidance,
+                             grad_last_k=o.grad_last_k or None)
         recon = uae.vae.decode(uae.vae.from_model_latents(latents.to(dtype))).float()
 
         # 3. L = 1 - cos(CLIP(x), CLIP(x~)), averaged over the global batch (gradients averaged over ranks).
@@ -157,14 +147,10 @@ def main(argv: list[str] | None = None) -> dict:
         log.log(step, metrics)
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
-                     "rng": rng_state(), "connector": uae.connector.state_dict() if o.train_connector else None}
-
-            def write(folder):
-                save_lora(uae.lvlm, folder / "llm_adapter")
-                save_lora(uae.dit, folder / "dit_adapter")
-
+                     "rng": rng_state()}
             if d.is_main:
-                save_checkpoint(o.out, step, state, write_extra=write)
+                trains = ("lvlm_adapter", "dit_adapter") + (("connector",) if o.train_connector else ())
+                save_run_checkpoint(o, step, state, uae, stage="cold_start", trains=trains, inherited=inherited)
     log.close()
     close_distributed()
     return metrics

@@ -52,7 +52,17 @@ def option(default, help: str):
 @dataclass
 class RunOptions:
     """Options every training script takes; each script's Options extends this and may change defaults."""
-    uae: str = option("", "UAE release folder; empty = the tiny random preset")
+    uae: str = option("", "UAE release folder (llm_model/ llm_lora/ dit/ dit_lora/ SD3/); empty and no plain parts "
+                          "= the tiny random preset (seeded by --seed)")
+    lvlm: str = option("", "plain parts: a Qwen2.5-VL folder (overrides the release's)")
+    sd3: str = option("", "plain parts: an SD3/SD3.5 diffusers folder (transformer/, vae/)")
+    dit: str = option("", "plain parts: a transformer folder replacing --sd3's")
+    connector: str = option("", "plain parts: a connector file (default: the projector inside --lvlm)")
+    pooled: str = option("", "plain parts: a .safetensors holding 'pooled_projections' (default: from --sd3's CLIPs)")
+    llm_lora: str = option("", "plain parts: an LVLM LoRA (release llm_lora/ layout), kept frozen")
+    dit_lora: str = option("", "plain parts: a DiT LoRA (PEFT folder), kept frozen")
+    init: str = option("", "start from a previous stage's result: its run folder (latest checkpoint) or a checkpoint "
+                           "folder; its adapters stack frozen under this stage's, its connector replaces the base's")
     data: str = option("", "folder or JSONL of images (with captions where the stage needs them); "
                            "empty = procedurally generated scenes")
     procedural_images: int = option(1000, "how many procedural scenes when --data is empty")
@@ -345,15 +355,15 @@ def load_checkpoint_state(folder: str | Path, options: dict, compare: tuple[str,
 
 
 def resume_checkpoint(o, compare: tuple[str, ...], is_main: bool) -> tuple[Path | None, dict | None]:
-    """With --resume: the latest complete checkpoint in `o.out` and its state (options checked against `compare`,
-    RNG restored); (None, None) when not resuming or nothing was saved yet."""
+    """With --resume: the latest complete checkpoint in `o.out` and its state, options checked against `compare`;
+    (None, None) when not resuming or nothing was saved yet. Call it before building the model (the checkpoint's
+    model/ folder is part of what the model is built from); restore `state["rng"]` once the model is built."""
     folder = latest_checkpoint(o.out) if o.resume else None
     if folder is None:
         return None, None
     state = load_checkpoint_state(folder, dataclasses.asdict(o), compare)
-    set_rng_state(state["rng"])
     if is_main:
-        print(f"resumed from {folder} at step {state['step']}", flush=True)
+        print(f"resuming from {folder} at step {state['step']}", flush=True)
     return folder, state
 
 
@@ -372,18 +382,74 @@ def set_rng_state(state: dict) -> None:
 
 # ----------------------------------------------------------------------------------------------- models
 
-def build_uae(uae_path: str, seed: int, dtype: torch.dtype, device: torch.device, attention: str = "sdpa"):
-    """The UAE release at `uae_path`, or the tiny random preset when the path is empty. Frozen; scripts unfreeze
-    (or add adapters to) what they train. `attention` selects the backend of model.layers.attention."""
+# Options that pick the model a run starts from; a resumed run must keep them.
+BASE_KEYS = ("uae", "lvlm", "sd3", "dit", "connector", "pooled", "llm_lora", "dit_lora", "init")
+
+
+def base_model(o: RunOptions) -> dict:
+    """The base model of a run, as model.handoff records it (the tiny preset is identified by its seed)."""
+    from model.handoff import base_identity
+
+    return base_identity(tiny_seed=o.seed, **{k: getattr(o, k) for k in BASE_KEYS if k != "init"})
+
+
+def build_uae(o: RunOptions, dtype: torch.dtype, device: torch.device, resume_from: Path | None = None):
+    """The model a stage starts from, frozen; scripts then add the adapters they train. Returns (uae, inherited):
+
+    the base (the release at --uae, plain parts, or the tiny preset seeded by --seed), then what the stage builds
+    on: with --resume, the handoff of the checkpoint resumed from minus the adapters this run trains (the script
+    loads those into its fresh adapters); else the previous stage's handoff given by --init. `inherited` is what
+    every checkpoint of this run hands on besides its own work (model/handoff.py). --attention selects the
+    backend of model.layers.attention."""
+    from model.handoff import load_handoff, read_handoff
     from model.layers import set_attention_backend
     from model.uae import UAE
 
-    if attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if o.attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"--attention triton needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before "
                          "triton is imported (slow; for tests)")
-    set_attention_backend(attention)
-    uae = UAE.from_pretrained(uae_path, dtype=dtype, device=device) if uae_path else UAE.tiny(seed, dtype, device)
-    return uae.requires_grad_(False)
+    set_attention_backend(o.attention)
+    inherited = None  # read and checked first: a wrong --init fails before the base model is loaded
+    if resume_from is not None:
+        inherited = read_handoff(resume_from).inherited()
+    elif o.init:
+        inherited = read_handoff(o.init)
+    if inherited is not None:
+        inherited.check_base(base_model(o))
+    parts = {k: getattr(o, k) or None for k in BASE_KEYS if k not in ("uae", "init")}
+    if o.uae or any(parts.values()):
+        uae = UAE.from_pretrained(o.uae or None, dtype=dtype, device=device, **parts)
+    else:
+        uae = UAE.tiny(o.seed, dtype, device)
+    if inherited is not None:
+        load_handoff(uae, inherited)
+    return uae.requires_grad_(False), inherited
+
+
+def trained_adapter(checkpoint: Path, component: str) -> Path:
+    """The adapter a checkpoint's run trained on `component` ('lvlm' or 'dit'), to load on --resume."""
+    from model.handoff import read_handoff
+
+    return read_handoff(checkpoint).trained_adapter(component)
+
+
+def is_tiny(o: RunOptions) -> bool:
+    return base_model(o)["tiny_seed"] is not None
+
+
+def save_run_checkpoint(o: RunOptions, step: int, state: dict, uae, *, stage: str, trains: tuple[str, ...],
+                        inherited, dit_ema=None, connector_state: dict | None = None,
+                        dit_state: dict | None = None) -> Path:
+    """`save_checkpoint` of `state` (optimizer, sampler, RNG, ...) with the model this run has so far in the
+    checkpoint's `model/` folder (model.handoff.save_handoff: what it inherited plus what it `trains`)."""
+    from model.handoff import FOLDER, save_handoff
+
+    def write(folder: Path) -> None:
+        save_handoff(folder / FOLDER, uae, base=base_model(o), stage=stage, run=o.out, step=step,
+                     inherited=inherited, trains=trains, dit_ema=dit_ema, connector_state=connector_state,
+                     dit_state=dit_state)
+
+    return save_checkpoint(o.out, step, state, write_extra=write)
 
 
 def build_dataset(o: RunOptions, need_caption: bool):

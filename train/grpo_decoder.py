@@ -1,9 +1,18 @@
 """Unified-GRPO stage 3 (understanding for generation): Flow-GRPO on the decoder.
 
-The frozen captioner describes each source image; the MMDiT (LoRA adapters) samples G stochastic (SDE) trajectories per
-caption; reward = cosine of frozen CLIP image features of source and reconstruction; group-normalised advantages; a
-per-step clipped likelihood ratio with a KL penalty to the adapters-off reference (Flow-GRPO, see
-../shared/notes/algorithms.md and train/rl.py).
+The frozen captioner describes each source image; the MMDiT (a new LoRA adapter) samples G stochastic (SDE)
+trajectories per caption; reward = cosine of frozen CLIP image features of source and reconstruction;
+group-normalised advantages; per trained denoising step j a clipped likelihood ratio and a KL penalty to the
+reference policy (the model this stage started from: the new adapter off, every earlier adapter on):
+
+    L_j = mean_i max(-A_i r_ij, -A_i clip(r_ij, 1 - eps, 1 + eps)) + beta mean_i KL_ij,
+    r_ij = exp(log p_theta(x_{j+1} | x_j) - log p_old(x_{j+1} | x_j))
+
+with log p the Gaussian of the SDE step and KL_ij = mean_CHW |mu_theta - mu_ref|^2 / (2 std_dev_t^2)
+(model/flow.py `sde_step_with_logprob`, `transition_log_prob`; train/rl.py `flow_grpo_loss`, `kl_gaussian_means`).
+As in Flow-GRPO's scripts/train_sd3.py: the training forward applies CFG with the unconditional branch detached, the
+reference forward runs only when beta > 0, and the rollout batch is split into `--minibatches` optimizer steps
+(Flow-GRPO makes two per sampling epoch, so the second is off-policy and the clipped ratio acts).
 
 Launch:
     # tiny preset on procedurally generated images, one CPU process (the README's main job)
@@ -11,15 +20,16 @@ Launch:
     # 1 GPU, official weights, the paper's (Flow-GRPO's) hyper-parameters spelled out
     torchrun --nproc_per_node=1 train/grpo_decoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
         --data data/images/ --dtype bf16 --size 512 --group-size 8 --images-per-step 1 --sample-steps 10 \
-        --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 --lr 3e-4 --weight-decay 1e-4 \
-        --lora-rank 32 --lora-alpha 64 --steps 1000 --out runs/grpo_decoder
-    # 8 GPUs (trajectories of each step sharded across ranks, rewards all-gathered for the advantages)
-    torchrun --nproc_per_node=8 train/grpo_decoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
-        --data data/images/ --dtype bf16 --size 512 --group-size 24 --images-per-step 8 --sample-steps 10 \
-        --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 --lr 3e-4 --weight-decay 1e-4 \
-        --lora-rank 32 --lora-alpha 64 --steps 1000 --out runs/grpo_decoder
-    # resume
-    torchrun --nproc_per_node=8 train/grpo_decoder.py ... --resume
+        --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 --minibatches 2 --lr 3e-4 \
+        --weight-decay 1e-4 --lora-rank 32 --lora-alpha 64 --steps 1000 --out runs/grpo_decoder
+    # 8 GPUs (trajectories sharded across ranks, rewards all-gathered for the advantages), as the pipeline's last
+    # stage: starting from the captioner's GRPO run (stage 2) with --init
+    torchrun --nproc_per_node=8 train/grpo_decoder.py --uae ckpt/UAE --init runs/grpo_encoder \
+        --clip ckpt/clip-vit-large-patch14 --data data/images/ --dtype bf16 --size 512 --group-size 24 \
+        --images-per-step 8 --sample-steps 10 --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 \
+        --minibatches 2 --lr 3e-4 --weight-decay 1e-4 --lora-rank 32 --lora-alpha 64 --steps 1000 \
+        --out runs/grpo_decoder
+    # resume: the same command with --resume
 
 One process and N processes give the same result for the same global batch: every random draw (data order, caption
 sampling, initial and per-step noise) is made in global order from seeded generators and sliced per rank, and the
@@ -36,17 +46,15 @@ if __package__ in (None, ""):  # `torchrun train/grpo_decoder.py` runs the file 
 
 import torch
 
-from model.flow import flow_sigmas, sde_step_with_logprob
-from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
-from model.uae import UAE
-from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients, build_dataset,
-                          build_reward, build_uae, close_distributed, condition, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank,
-                          step_generator)
+from model.flow import Trajectory, flow_sigmas, sample_sde_trajectory, transition_log_prob
+from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
+from model.uae import DIT_LORA_TARGETS
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
+                          build_dataset, build_reward, build_uae, close_distributed, condition, init_distributed,
+                          is_tiny, option, parse_dtype, parse_options, reduce_stats, resume_checkpoint, rng_state,
+                          save_run_checkpoint, set_rng_state, split_for_rank, step_generator, trained_adapter)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import EMA, flow_grpo_loss, group_advantages
-
-DIT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
 
 
 @dataclass
@@ -63,21 +71,25 @@ class Options(RunOptions):
     lr: float = option(1e-2, "AdamW learning rate (paper: 3e-4)")
     dataset_captions: bool = option(False, "condition on the dataset's captions (cached captions) instead of "
                                            "captioning with the frozen captioner")
-    out: str = option("runs/grpo_decoder", "run folder: metrics.jsonl, checkpoints, adapters")
+    out: str = option("runs/grpo_decoder", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     images_per_step: int = option(1, "source images per step (global)")
     group_size: int = option(64, "trajectories per image (G; paper: 24, 8 on one GPU)")
     sample_steps: int = option(4, "denoising steps when sampling trajectories (paper: 10)")
     sde_window: str = option("", "'start:end' steps run as SDE and trained, ODE elsewhere; empty = all but the last")
     noise_level: float = option(0.7, "SDE noise level a")
     guidance_scale: float = option(4.5, "CFG scale while sampling and training (1 = off)")
-    train_cfg: bool = option(True, "apply CFG in the training forward too (as sampled)")
+    train_cfg: bool = option(True, "apply CFG in the training forward too (as sampled; unconditional branch "
+                                   "detached, as Flow-GRPO)")
     minibatches: int = option(1, "optimizer steps per rollout batch: the trajectories are split into this many "
-                                 "minibatches (by global index modulo, so any rank count gives the same minibatches)")
+                                 "minibatches (by global index modulo, so any rank count gives the same minibatches); "
+                                 "Flow-GRPO makes 2, so the second is off-policy and the ratio clip acts")
     inner_epochs: int = option(1, "passes over each rollout batch (PPO epochs); >1 re-uses the trajectories, and the "
                                   "clipped ratio keeps the later updates near the sampling policy")
     clip_eps: float = option(1e-4, "ratio clip range")
     adv_clip: float = option(5.0, "advantage clamp")
-    beta: float = option(0.0, "KL coefficient (paper: 0.04)")
+    adv_std: str = option("group", "advantage normalisation: group (each group's own std, the paper's equation) | "
+                                   "global (the std of all the step's rewards, Flow-GRPO's sample.global_std)")
+    beta: float = option(0.0, "KL coefficient, on Flow-GRPO's scale (paper: 0.04); 0 skips the reference forward")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     lora_targets: str = option(DIT_LORA_TARGETS, "comma-separated DiT module names that get LoRA")
     ema_decay: float = option(0.95, "EMA decay of the adapters (for evaluation); 0 = off")
@@ -86,15 +98,16 @@ class Options(RunOptions):
 
 
 # Options that must match to resume (the rest, e.g. --steps, may change).
-RESUME_KEYS = ("uae", "data", "dataset_captions", "images_per_step", "group_size", "size", "sample_steps",
-               "sde_window", "lora_rank",
-               "lora_alpha", "lora_targets", "seed")
+RESUME_KEYS = BASE_KEYS + ("data", "dataset_captions", "images_per_step", "group_size", "size", "sample_steps",
+                           "sde_window", "lora_rank", "lora_alpha", "lora_targets", "seed")
 
 
 def trained_steps(o: Options) -> list[int]:
-    """Indices of the denoising steps run as SDE (and trained). The last step (to sigma 0) is never trained: its
-    Gaussian is degenerate."""
+    """Indices of the denoising steps run as SDE (and trained), a contiguous window. The last step (to sigma 0) is
+    never trained: its Gaussian is degenerate."""
     last = o.sample_steps - 1
+    if last < 1:
+        raise ValueError(f"--sample-steps must be >= 2 (the last step is never trained), got {o.sample_steps}")
     if not o.sde_window:
         return list(range(last))
     try:
@@ -106,27 +119,42 @@ def trained_steps(o: Options) -> list[int]:
     return list(range(start, end))
 
 
-def velocity(uae: UAE, x, sigma, context, negative, guidance_scale):
-    t = (sigma * 1000).expand(x.shape[0]).to(x.device)
-    return uae.velocity_fn(context, negative, guidance_scale)(x, t)
-
-
 @torch.no_grad()
-def rollout(uae: UAE, o: Options, context, negative, noise, step_noise, sigmas, sde_steps, guidance):
-    """Sample trajectories; return latents [B, N+1, ...], old log-probs [B, N] (0 on ODE steps) and final latents."""
-    x = noise
-    latents, logps = [x], []
-    for i in range(o.sample_steps):
-        v = velocity(uae, x, sigmas[i], context, negative, guidance)
-        level = o.noise_level if i in sde_steps else 0.0
-        x, logp, _, _ = sde_step_with_logprob(v, x, sigmas[i], sigmas[i + 1], level, noise=step_noise[:, i])
-        latents.append(x)
-        logps.append(logp if i in sde_steps else torch.zeros_like(logp))
-    return torch.stack(latents, 1), torch.stack(logps, 1)
+def rollout(velocity_fn, noise: torch.Tensor, step_noise: torch.Tensor, sigmas: torch.Tensor, o: Options,
+            sde_steps: list[int], guidance_scale: float | None) -> Trajectory:
+    """Sample trajectories with the current policy: SDE on `sde_steps` (their log-probs are the old policy's),
+    Euler ODE elsewhere; step i's eps is step_noise[:, i]."""
+    return sample_sde_trajectory(velocity_fn, noise, sigmas, noise_level=o.noise_level,
+                                 guidance_scale=guidance_scale, sde_window=(sde_steps[0], sde_steps[-1] + 1),
+                                 step_noise=step_noise)
+
+
+def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advantages: torch.Tensor, o: Options,
+                    sde_steps: list[int], guidance_scale: float | None) -> list[dict]:
+    """Accumulate the gradient of the Flow-GRPO loss of trajectories `idx` over every trained step (one backward per
+    step, the loss divided by the number of steps); `velocity_fn` is conditioned on rows `idx`. Returns each step's
+    statistics."""
+    stats = []
+    for j in sde_steps:
+        x, x_next = traj.latents[idx, j], traj.latents[idx, j + 1]
+        new = transition_log_prob(velocity_fn, x, x_next, traj.sigmas[j], traj.sigmas[j + 1], o.noise_level,
+                                  guidance_scale)
+        mean_ref = None
+        if o.beta > 0:  # Flow-GRPO runs the reference only when it enters the loss
+            with torch.no_grad(), lora_disabled(dit):
+                mean_ref = transition_log_prob(velocity_fn, x, x_next, traj.sigmas[j], traj.sigmas[j + 1],
+                                               o.noise_level, guidance_scale).mean
+        loss, st = flow_grpo_loss(new.log_prob, traj.log_probs[idx, j], advantages[idx], new.mean, mean_ref,
+                                  new.std_dev_t, o.clip_eps, o.beta)
+        (loss / len(sde_steps)).backward()
+        stats.append({k: v.detach().float() for k, v in st.items()} | {"loss": loss.detach().float()})
+    return stats
 
 
 def main(argv: list[str] | None = None) -> dict:
     o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    if o.adv_std not in ("group", "global"):
+        raise ValueError(f"--adv-std must be group or global, got {o.adv_std!r}")
     d = init_distributed(o.device)
     dtype = parse_dtype(o.dtype)
     sde_steps = trained_steps(o)
@@ -139,8 +167,9 @@ def main(argv: list[str] | None = None) -> dict:
                          f"{o.minibatches}")
     torch.manual_seed(o.seed)
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
-    reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    uae, inherited = build_uae(o, dtype, d.device, folder)
+    reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
     targets = [t for t in o.lora_targets.split(",") if t]
     apply_lora(uae.dit, targets, rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
     params = lora_parameters(uae.dit)
@@ -153,14 +182,14 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(o, need_caption=o.dataset_captions)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
     if state is not None:
-        load_lora(uae.dit, folder / "adapter")
+        load_lora(uae.dit, trained_adapter(folder, "dit"))
         opt.load_state_dict(state["optimizer"])
         if ema is not None:
             ema.load_state_dict(state["ema"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
+        set_rng_state(state["rng"])
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
@@ -188,76 +217,58 @@ def main(argv: list[str] | None = None) -> dict:
             captions[i] = uae.caption([images[i]], **kw)[0]
         prompts = [captions[i] for i in image_of]
 
-        # 2. Rollouts with the current policy (adapters on), all SDE steps recorded.
+        # 2. Rollouts with the current policy (adapters on), the SDE steps' log-probs recorded.
         with torch.no_grad():
             context, negative = condition(uae, prompts, o.guidance_scale)  # padded like the global batch
-        latents, old_logp = rollout(uae, o, context, negative, noise, step_noise, sigmas, sde_steps, o.guidance_scale)
+        sample_guidance = o.guidance_scale if negative is not None else None
+        traj = rollout(uae.velocity_fn(context, negative), noise, step_noise, sigmas, o, sde_steps, sample_guidance)
 
         # 3. Reward: reconstruction similarity to the source image.
         with torch.no_grad():
-            recon = uae.vae.decode(uae.vae.from_model_latents(latents[:, -1].to(dtype))).float()
+            recon = uae.vae.decode(uae.vae.from_model_latents(traj.latents[:, -1].to(dtype))).float()
             sources = pil_to_tensor([images[i] for i in image_of], o.size).to(d.device)
             rewards = reward_fn(sources, recon)
         all_rewards = all_gather_cat(rewards.float())
-        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)[mine]
+        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip,
+                                      global_std=o.adv_std == "global")[mine]
 
-        # 4. Policy update: `minibatches` optimizer steps per pass, `inner_epochs` passes. Per optimizer step one
-        #    backward per trained step, gradients accumulated over the steps. Minibatch k holds the trajectories whose
-        #    global index is k modulo `minibatches` (every rank holds an equal share of it).
-        stats = []
-        guidance = o.guidance_scale if o.train_cfg else 1.0
+        # 4. Policy update: `minibatches` optimizer steps per pass, `inner_epochs` passes. Minibatch k holds the
+        #    trajectories whose global index is k modulo `minibatches` (every rank holds an equal share of it).
+        train_guidance = sample_guidance if o.train_cfg else None
         global_index = torch.arange(mine.start, mine.stop)
-        grad_norms = []
+        stats, grad_norms = [], []
         for _epoch in range(o.inner_epochs):
             for k in range(o.minibatches):
                 idx = (global_index % o.minibatches == k).nonzero().squeeze(1).to(d.device)
-                ctx_k = context[idx]
-                neg_k = negative[idx] if (o.train_cfg and negative is not None) else None
+                velocity_k = uae.velocity_fn(context[idx], negative[idx] if train_guidance else None)
                 opt.zero_grad(set_to_none=True)
-                for j in sde_steps:
-                    x, x_next = latents[idx, j], latents[idx, j + 1]
-                    v = velocity(uae, x, sigmas[j], ctx_k, neg_k, guidance)
-                    _, logp, mean, std = sde_step_with_logprob(v, x, sigmas[j], sigmas[j + 1], o.noise_level,
-                                                               prev_sample=x_next)
-                    with torch.no_grad(), lora_disabled(uae.dit):
-                        v_ref = velocity(uae, x, sigmas[j], ctx_k, neg_k, guidance)
-                        _, _, mean_ref, _ = sde_step_with_logprob(v_ref, x, sigmas[j], sigmas[j + 1], o.noise_level,
-                                                                  prev_sample=x_next)
-                    loss, st = flow_grpo_loss(logp, old_logp[idx, j], advantages[idx], mean, mean_ref, std,
-                                              o.clip_eps, o.beta)
-                    (loss / len(sde_steps)).backward()
-                    stats.append({k_: v_.detach().float() for k_, v_ in st.items()} | {"loss": loss.detach().float()})
+                update_stats = train_minibatch(uae.dit, velocity_k, traj, idx, advantages, o, sde_steps,
+                                               train_guidance)
+                stats += update_stats
                 average_gradients(params)
                 grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
                 grad_norms.append(float(grad_norm))
                 # Statistics of this update over the ranks: every rank takes the same skip decision.
-                update_stats = reduce_stats(stats[-len(sde_steps):])
-                if guard.bad(step, loss=update_stats["loss"], reward=all_rewards, grad_norm=grad_norm):
+                loss = reduce_stats(update_stats)["loss"]
+                if guard.bad(step, loss=loss, reward=all_rewards, grad_norm=grad_norm):
                     opt.zero_grad(set_to_none=True)
                 else:
                     opt.step()
                     if ema is not None:
                         ema.update()
         step_stats = reduce_stats(stats)
-        grad_norm = sum(grad_norms) / len(grad_norms)
 
         metrics = {"loss": step_stats.pop("loss"), "reward_mean": float(all_rewards.mean()),
-                   "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
-                   **step_stats}
+                   "reward_std": float(all_rewards.std(unbiased=False)),
+                   "grad_norm": sum(grad_norms) / len(grad_norms), **step_stats}
         log.log(step, metrics)
 
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
                      "sampler": asdict(sampler.state), "rng": rng_state()}
-
-            def write(folder):
-                save_lora(uae.dit, folder / "adapter")
-                if ema is not None:  # the EMA of the adapters, what evaluation loads (Flow-GRPO evaluates the EMA)
-                    with ema.swap():
-                        save_lora(uae.dit, folder / "ema_adapter")
-
-            if d.is_main:
-                save_checkpoint(o.out, step, state, write_extra=write)
+            if d.is_main:  # the EMA adapter is what evaluation loads (Flow-GRPO evaluates the EMA)
+                save_run_checkpoint(o, step, state, uae, stage="grpo_decoder", trains=("dit_adapter",),
+                                    inherited=inherited, dit_ema=ema.swap if ema is not None else None)
     log.close()
     close_distributed()
     return metrics

@@ -1,26 +1,31 @@
 """Unified-GRPO stage 2 (generation for understanding): GRPO on the captioner.
 
-The LVLM (LoRA adapters) is the policy over caption tokens: G captions are sampled per source image, each is re-encoded
--> connector -> frozen DiT -> image, and the reward is the cosine of frozen CLIP image features of source and
-reconstruction. Token-level clipped objective with the k3 KL to the adapters-off reference (train/rl.py):
+The LVLM (a new LoRA adapter) is the policy over caption tokens: G captions are sampled per source image, each is
+re-encoded -> connector -> frozen DiT -> image, and the reward is the cosine of frozen CLIP image features of source
+and reconstruction. Token-level clipped objective with the k3 KL to the reference policy (train/rl.py):
 
     J = 1/G sum_i 1/|o_i| sum_t [min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) - beta KL_t]
 
 Per-token log-probs of the policy, the old policy and the reference all come from one code path
 (`caption_logprobs`: forward_hidden -> `lvlm.token_logprobs`), where the fused log-prob kernel plugs in.
 
+The reference policy is the model this stage started from (the new adapter off, every earlier adapter on); its
+forward runs only when beta > 0 (TRL's GRPOTrainer skips the reference model at beta 0 too).
+
 Launch:
     # tiny preset on procedurally generated images, one CPU process
     torchrun --nproc_per_node=1 train/grpo_encoder.py
-    # 1 GPU, official weights
+    # 1 GPU, official weights; rewards rendered as the released recipe renders (512 px, 10 steps, CFG 5)
     torchrun --nproc_per_node=1 train/grpo_encoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
-        --data data/images/ --dtype bf16 --size 512 --group-size 8 --images-per-step 1 --lr 1e-4 --beta 0.04 \
-        --max-new-tokens 0 --guidance-scale 5 --render-noise caption --out runs/grpo_encoder
-    # 8 GPUs
-    torchrun --nproc_per_node=8 train/grpo_encoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
-        --data data/images/ --dtype bf16 --size 512 --group-size 8 --images-per-step 8 --lr 1e-4 --beta 0.04 \
-        --max-new-tokens 0 --guidance-scale 5 --render-noise caption --out runs/grpo_encoder
-    # resume: add --resume
+        --data data/images/ --dtype bf16 --size 512 --gen-steps 10 --guidance-scale 5 --render-noise caption \
+        --group-size 8 --images-per-step 1 --max-new-tokens 0 --lr 1e-4 --beta 0.04 --steps 1000 \
+        --out runs/grpo_encoder
+    # 8 GPUs, as the pipeline's stage 2: starting from the cold start's run (stage 1) with --init
+    torchrun --nproc_per_node=8 train/grpo_encoder.py --uae ckpt/UAE --init runs/cold_start \
+        --clip ckpt/clip-vit-large-patch14 --data data/images/ --dtype bf16 --size 512 --gen-steps 10 \
+        --guidance-scale 5 --render-noise caption --group-size 8 --images-per-step 8 --max-new-tokens 0 --lr 1e-4 \
+        --beta 0.04 --steps 1000 --out runs/grpo_encoder
+    # resume: the same command with --resume
 """
 from __future__ import annotations
 
@@ -33,15 +38,14 @@ if __package__ in (None, ""):  # `torchrun train/grpo_encoder.py` runs the file 
 
 import torch
 
-from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters, save_lora
-from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients, build_dataset,
-                          build_reward, build_uae, close_distributed, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank,
-                          step_generator)
+from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
+from model.uae import LLM_LORA_TARGETS
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
+                          build_dataset, build_reward, build_uae, close_distributed, init_distributed, is_tiny, option,
+                          parse_dtype, parse_options, reduce_stats, resume_checkpoint, rng_state, save_run_checkpoint,
+                          set_rng_state, split_for_rank, step_generator, trained_adapter)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import group_advantages, grpo_loss
-
-LLM_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 
 
 @dataclass
@@ -57,15 +61,15 @@ class Options(RunOptions):
     # reward rises (~+0.002) within a minute on one CPU.
     procedural_images: int = option(1, "how many procedural scenes when --data is empty")
     steps: int = option(60, "optimizer steps")
-    size: int = option(32, "image size in pixels")
+    size: int = option(32, "image size in pixels of the rendered reconstructions (released recipe: 512)")
     lr: float = option(1e-3, "AdamW learning rate (GPU launch lines: 1e-4)")
-    out: str = option("runs/grpo_encoder", "run folder: metrics.jsonl, checkpoints, adapters")
+    out: str = option("runs/grpo_encoder", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     images_per_step: int = option(1, "source images per step (global)")
     group_size: int = option(32, "captions per image (G; paper: 8)")
     temperature: float = option(1.0, "caption sampling temperature (also used for the log-probs)")
     max_new_tokens: int = option(6, "max caption tokens; 0 = the model's default")
-    gen_steps: int = option(4, "denoising steps of the frozen decoder when rendering a caption")
-    guidance_scale: float = option(10.0, "decoder CFG scale (GPU launch lines: 5)")
+    gen_steps: int = option(4, "denoising steps of the frozen decoder when rendering a caption (released recipe: 10)")
+    guidance_scale: float = option(10.0, "decoder CFG scale (released recipe: 5)")
     render_noise: str = option("fixed", "initial noise of the frozen decoder: caption (a fresh draw per caption; "
                                         "GPU launch lines) | group (one draw per image, shared by its G captions: "
                                         "the advantage then compares captions, not noise draws) | fixed (one draw "
@@ -73,14 +77,14 @@ class Options(RunOptions):
                                         "function of the caption)")
     clip_eps: float = option(0.2, "ratio clip range")
     adv_clip: float = option(5.0, "advantage clamp")
-    beta: float = option(0.0, "k3 KL coefficient (paper: 0.04)")
+    beta: float = option(0.0, "k3 KL coefficient (paper: 0.04); 0 skips the reference forward")
     loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
     logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
 
 
-RESUME_KEYS = ("uae", "data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha", "lora_targets",
-               "seed")
+RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha",
+                           "lora_targets", "seed")
 
 
 def caption_logprobs(uae, inputs, tokens, mask, temperature):
@@ -109,9 +113,10 @@ def main(argv: list[str] | None = None) -> dict:
     n_caps = o.images_per_step * o.group_size
     mine = split_for_rank(n_caps, d, "images_per_step * group_size")
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    uae, inherited = build_uae(o, dtype, d.device, folder)
     uae.lvlm.fused_logprobs = o.logprob == "fused"
-    reward_fn = build_reward(o.clip, not o.uae, o.seed, dtype, d.device)
+    reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
     targets = [t for t in o.lora_targets.split(",") if t]
     # Adapters on the text decoder only (the vision tower's MLP shares the projection names).
     apply_lora(uae.lvlm.language_model, targets, rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
@@ -124,12 +129,12 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(o, need_caption=False)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
     if state is not None:
-        load_lora(uae.lvlm, folder / "adapter")
+        load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
         opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
+        set_rng_state(state["rng"])
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
@@ -146,24 +151,18 @@ def main(argv: list[str] | None = None) -> dict:
             seeds[:, 1] = fixed[image_of]
         seeds, image_of = seeds[mine].tolist(), image_of[mine]
 
-        # 1. Sample this rank's captions (one seeded generator per caption: independent of the rank layout).
+        # 1. Sample this rank's captions (one seeded generator per caption: independent of the rank layout). Each
+        #    caption ends before any sampled image placeholder (UAE.caption).
         kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
-        tokens, masks, inputs = [], [], None
         rows = []
         for k, i in enumerate(image_of):
-            _, inp, out = uae.caption([images[i]], do_sample=True, temperature=o.temperature,
-                                      generator=torch.Generator().manual_seed(seeds[k][0]), return_output=True, **kw)
-            t, m = out.new_tokens[0], out.mask[0].clone()
-            # A sampled image/video placeholder would break the log-prob forward (the model counts them against the
-            # image's patches): the caption ends before the first one (they are rare below temperature 1).
-            bad = (t == uae.processor.image_token_id) | (t == uae.processor.video_token_id)
-            if bad.any():
-                m &= torch.arange(t.shape[0]) < int(bad.nonzero()[0, 0])
-            rows.append((inp, t, m))
-        n_max = max(r[1].shape[0] for r in rows)
+            _, _, out = uae.caption([images[i]], do_sample=True, temperature=o.temperature,
+                                    generator=torch.Generator().manual_seed(seeds[k][0]), return_output=True, **kw)
+            rows.append((out.new_tokens[0], out.mask[0]))
+        n_max = max(t.shape[0] for t, _ in rows)
         pad = uae.processor.pad_token_id
-        tokens = torch.stack([torch.nn.functional.pad(t, (0, n_max - t.shape[0]), value=pad) for _, t, _ in rows])
-        masks = torch.stack([torch.nn.functional.pad(m, (0, n_max - m.shape[0]), value=False) for _, _, m in rows])
+        tokens = torch.stack([torch.nn.functional.pad(t, (0, n_max - t.shape[0]), value=pad) for t, _ in rows])
+        masks = torch.stack([torch.nn.functional.pad(m, (0, n_max - m.shape[0]), value=False) for _, m in rows])
         inputs = uae.caption_inputs([images[i] for i in image_of])
         texts = [t.strip() for t in uae.processor.batch_decode(tokens.masked_fill(~masks, pad).tolist())]
 
@@ -180,11 +179,13 @@ def main(argv: list[str] | None = None) -> dict:
         all_rewards = all_gather_cat(rewards.float())
         advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)[mine]
 
-        # 3. Old-policy and reference log-probs through the same path, then the clipped token-level update.
+        # 3. Old-policy (and, with beta > 0, reference) log-probs through the same path, then the clipped update.
         with torch.no_grad():
             old_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
-            with lora_disabled(uae.lvlm):
-                ref_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+            ref_logp = None
+            if o.beta > 0:
+                with lora_disabled(uae.lvlm):
+                    ref_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
         opt.zero_grad(set_to_none=True)
         logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
         loss, st = grpo_loss(logp, old_logp, ref_logp, advantages, masks, o.clip_eps, o.beta, reduction=o.loss_norm)
@@ -206,7 +207,8 @@ def main(argv: list[str] | None = None) -> dict:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
                      "rng": rng_state()}
             if d.is_main:
-                save_checkpoint(o.out, step, state, write_extra=lambda f: save_lora(uae.lvlm, f / "adapter"))
+                save_run_checkpoint(o, step, state, uae, stage="grpo_encoder", trains=("lvlm_adapter",),
+                                    inherited=inherited)
     log.close()
     close_distributed()
     return metrics

@@ -172,9 +172,15 @@ def kl_k3(logp: torch.Tensor, logp_ref: torch.Tensor) -> torch.Tensor:
 
 
 def kl_gaussian_means(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor | float) -> torch.Tensor:
-    """KL between two Gaussians of equal std that differ in their means, per sample [B]: mean over C,H,W of
-    ||mean - mean_ref||^2 / (2 std^2) (Flow-GRPO's `kl_loss`). `std` is the transition std std_t sqrt(-dt) that the
-    SDE step returns: a float, a 0-d tensor, [B], or [B, 1, ..., 1]."""
+    """Flow-GRPO's KL penalty of one denoising step, per sample [B]:
+
+        KL_i = mean over C,H,W of (mean_i - mean_ref_i)^2 / (2 std^2)
+
+    (scripts/train_sd3.py: `((prev_sample_mean - prev_sample_mean_ref) ** 2).mean(dim=(1,2,3)) / (2 * std_dev_t ** 2)`).
+    Pass std = the step's `std_dev_t` (`StepOutput.std_dev_t` of model/flow.py, a sqrt(sigma / (1 - sigma)) for the
+    SDE step), NOT the transition std std_dev_t sqrt(-dt): Flow-GRPO divides by std_dev_t^2 without the |dt| factor,
+    so this is the exact Gaussian KL scaled by 1/|dt|, and its beta (0.04 in its configs) is tuned for that scale.
+    std: a float, a 0-d tensor, [B], or [B, 1, ..., 1]; the reference mean and std are treated as constants."""
     if mean.shape != mean_ref.shape or mean.ndim < 2:
         raise ValueError(f"mean {tuple(mean.shape)} and mean_ref {tuple(mean_ref.shape)} must have the same shape "
                          f"[B, ...]")
@@ -225,8 +231,9 @@ def flow_grpo_loss(logp_new: torch.Tensor, logp_old: torch.Tensor, advantages: t
                    beta: float = 0.0) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Flow-GRPO loss of one denoising step j: L = mean_i max(-A_i r_i, -A_i clip(r_i, 1-eps, 1+eps))
     + beta mean_i KL_i, with r_i = exp(log p_theta(x_{j+1}|x_j) - log p_old(...)) and KL_i the Gaussian-mean KL to
-    the adapters-off reference (`kl_gaussian_means`). logp_*: [B]; advantages [B]; mean / mean_ref: the step's
-    predicted means [B, C, H, W] with and without the adapters; std: the step's transition std.
+    the reference policy, the new adapter off (`kl_gaussian_means`). logp_*: [B]; advantages [B]; mean / mean_ref:
+    the step's predicted means [B, C, H, W] with and without the adapter; std: the step's std_dev_t (see
+    kl_gaussian_means).
     Returns (loss, metrics): the policy stats plus policy_loss and kl (whenever the reference means are given)."""
     if logp_new.ndim != 1:
         raise ValueError(f"logp_new must be one log-prob per sample [B], got shape {tuple(logp_new.shape)}")

@@ -8,16 +8,20 @@ reference training (diffusers train_dreambooth_sd3 / training_utils):
     2 / (pi (1 - 2 sigma + 2 sigma^2)) for "cosmap".
 x0 are VAE latents in the DiT's space ((z - shift) * scale).
 
+When the model already carries LoRA adapters (the release's DiT adapter, or an --init run's), adapter training stacks
+its new adapter on them; full-parameter training (--lora-rank 0) first merges them into the DiT weights it trains.
+
 Launch:
     # tiny preset on procedurally generated (image, caption) pairs, one CPU process
     torchrun --nproc_per_node=1 train/sft_decoder.py
-    # 1 GPU, official weights, LoRA on the DiT
+    # 1 GPU, official weights, LoRA on the DiT (--data: a JSONL of {"image": path, "caption": text} or a folder of
+    # images with same-name .txt captions)
     torchrun --nproc_per_node=1 train/sft_decoder.py --uae ckpt/UAE --data data/pairs.jsonl --dtype bf16 \
-        --size 1024 --batch-size 2 --lora-rank 64 --grad-checkpointing --out runs/sft_decoder
-    # 8 GPUs, full-parameter SFT of the 8B decoder sharded with FSDP2
+        --size 1024 --batch-size 2 --lora-rank 64 --grad-checkpointing --steps 1000 --out runs/sft_decoder
+    # 8 GPUs, full-parameter SFT of the 8B decoder sharded with FSDP2 (the pipeline's stage 0)
     torchrun --nproc_per_node=8 train/sft_decoder.py --uae ckpt/UAE --data data/pairs.jsonl --dtype bf16 \
-        --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --out runs/sft_decoder
-    # resume: add --resume
+        --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --steps 1000 --out runs/sft_decoder
+    # resume: the same command with --resume
 """
 from __future__ import annotations
 
@@ -30,19 +34,20 @@ if __package__ in (None, ""):  # `torchrun train/sft_decoder.py` runs the file a
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict)
 
-from model.lora import apply_lora, load_lora, lora_parameters, save_lora
-from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset, build_uae,
-                          close_distributed, encode_text, init_distributed, option, parse_dtype, parse_options,
-                          reduce_stats, resume_checkpoint, rng_state, save_checkpoint, split_for_rank, step_generator)
+from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
+from model.uae import DIT_LORA_TARGETS
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
+                          build_uae, close_distributed, encode_text, init_distributed, option, parse_dtype,
+                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_run_checkpoint,
+                          set_rng_state, split_for_rank, step_generator, trained_adapter)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
-from train.grpo_decoder import DIT_LORA_TARGETS
 
 
 @dataclass
 class Options(RunOptions):
-    out: str = option("runs/sft_decoder", "run folder: metrics.jsonl, checkpoints")
+    out: str = option("runs/sft_decoder", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     steps: int = option(40, "optimizer steps")
     batch_size: int = option(4, "(image, caption) pairs per step (global)")
     weighting: str = option("logit_normal", "timestep sampling/weighting: logit_normal | sigma_sqrt | cosmap | uniform")
@@ -55,7 +60,8 @@ class Options(RunOptions):
     save_every: int = option(20, "checkpoint every N steps (and at the end)")
 
 
-RESUME_KEYS = ("uae", "data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp", "seed")
+RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp",
+                           "seed")
 
 
 def sample_sigmas(n: int, o: Options, shift: float, generator: torch.Generator) -> torch.Tensor:
@@ -88,11 +94,13 @@ def main(argv: list[str] | None = None) -> dict:
     if o.fsdp and o.lora_rank > 0:
         raise ValueError("--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
 
-    uae = build_uae(o.uae, o.seed, dtype, d.device, o.attention)
+    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    uae, inherited = build_uae(o, dtype, d.device, folder)
     if o.lora_rank > 0:
         apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
         params = lora_parameters(uae.dit)
     else:
+        unwrap_lora(uae.dit, merge=True)  # every DiT weight trains: the adapters below become part of them
         uae.dit.requires_grad_(True)
         params = list(uae.dit.parameters())
     if o.train_connector:
@@ -120,21 +128,17 @@ def main(argv: list[str] | None = None) -> dict:
     dataset = build_dataset(o, need_caption=True)
     sampler = ResumableSampler(dataset, seed=o.seed)
     start = 0
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
-    if state is not None:
-        if o.fsdp:  # full (unsharded) state dicts, resharded onto this run's ranks
-            set_state_dict(trained, opt, model_state_dict=state["trained"], optim_state_dict=state["optimizer"],
-                           options=StateDictOptions(full_state_dict=True))
+    if state is not None:  # trained DiT weights and connector came back with the checkpoint's model/ (build_uae)
+        if o.lora_rank > 0:
+            load_lora(uae.dit, trained_adapter(folder, "dit"))
+        if o.fsdp:  # a full (unsharded) optimizer state, resharded onto this run's ranks
+            set_optimizer_state_dict(trained, opt, optim_state_dict=state["optimizer"],
+                                     options=StateDictOptions(full_state_dict=True))
         else:
-            if o.lora_rank > 0:
-                load_lora(uae.dit, folder / "adapter")
-            else:
-                uae.dit.load_state_dict(state["dit"])
-            if o.train_connector:
-                uae.connector.load_state_dict(state["connector"])
             opt.load_state_dict(state["optimizer"])
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
+        set_rng_state(state["rng"])
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
@@ -154,9 +158,8 @@ def main(argv: list[str] | None = None) -> dict:
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
         context = encode_text(uae, captions)  # padded like the global batch
-        pooled = uae.pooled(len(images))
         opt.zero_grad(set_to_none=True)
-        pred = uae.dit(x_t.to(dtype), sigmas * 1000, context.to(dtype), pooled).float()
+        pred = uae.velocity_fn(context)(x_t, sigmas * 1000)
         per_sample = ((pred - target) ** 2).flatten(1).mean(1)
         loss = (loss_weight(sigmas, o.weighting) * per_sample).mean()
         loss.backward()
@@ -174,20 +177,27 @@ def main(argv: list[str] | None = None) -> dict:
         log.log(step, metrics)
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "sampler": asdict(sampler.state), "rng": rng_state()}
+            trains = ("dit_adapter" if o.lora_rank > 0 else "dit_weights",) + (
+                ("connector",) if o.train_connector else ())
+            full = {}
             if o.fsdp:  # gathering the full state dicts is a collective: every rank takes part, rank 0 writes
                 model_sd, optim_sd = get_state_dict(trained, opt, options=StateDictOptions(full_state_dict=True,
                                                                                            cpu_offload=True))
-                state |= {"trained": model_sd, "optimizer": optim_sd}
+                state["optimizer"] = optim_sd
+                full = {"dit_state": _sub(model_sd, "dit."),
+                        "connector_state": _sub(model_sd, "connector.") if o.train_connector else None}
             else:
-                state |= {"optimizer": opt.state_dict(),
-                          "connector": uae.connector.state_dict() if o.train_connector else None,
-                          "dit": None if o.lora_rank > 0 else uae.dit.state_dict()}
+                state["optimizer"] = opt.state_dict()
             if d.is_main:
-                save_checkpoint(o.out, step, state,
-                                write_extra=(lambda f: save_lora(uae.dit, f / "adapter")) if o.lora_rank > 0 else None)
+                save_run_checkpoint(o, step, state, uae, stage="sft_decoder", trains=trains, inherited=inherited,
+                                    **full)
     log.close()
     close_distributed()
     return metrics
+
+
+def _sub(state: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
 if __name__ == "__main__":

@@ -1,0 +1,248 @@
+"""What one training stage hands to the next, and to the evaluation tools: the model a run ends with, written as the
+changes it made on top of its base model.
+
+Unified-GRPO runs as a chain (decoder SFT -> cold start -> GRPO on the captioner -> Flow-GRPO on the decoder), each
+stage starting exactly where the previous one ended. Every checkpoint of every stage holds a `model/` folder:
+
+    model/handoff.json        the manifest below
+    model/lvlm_adapter_<i>/   PEFT adapters of the LVLM, oldest first (i = position in the stack)
+    model/dit_adapter_<i>/    PEFT adapters of the DiT, oldest first
+    model/dit_adapter_<i>_ema/  the EMA of the newest DiT adapter, when the stage that trained it kept one
+    model/connector.safetensors  the connector, once a stage has trained it (else the base's)
+    model/dit.safetensors     full DiT weights, once a stage has trained every DiT parameter (`--lora-rank 0`)
+
+The base is what the run loaded before any stage touched it: the UAE release (its own LoRA adapters included) or
+plain parts, or the tiny preset and its seed; the manifest records it and a later stage on another base is refused.
+Adapters are STACKED, never merged: loading a handoff wraps the base with each adapter in turn and freezes it
+(`model.lora.freeze_lora`), so a stage's new trainable adapter sits on top of every earlier one, the RL reference
+policy (new adapter off) is exactly the model the stage started from, and no delta is rounded into bf16 weights.
+Adapters and the connector are loaded in the dtype they were saved in, the one they were trained in (fp32 adapters on
+a bf16 model), so a stage's first forward equals the previous stage's last bit for bit. A stage that trains every DiT
+weight first merges the stack below it (`unwrap_lora(merge=True)`); its `dit.safetensors` then replaces the base DiT
+and the adapters it absorbed.
+
+Files a stage inherits are hard-linked into each of its checkpoints (copied across file systems): every
+checkpoint is self-contained, so `--resume`, `--init` and the evaluation tools read one folder.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import torch
+
+from weights import CheckpointError, load_module, open_checkpoint, save_safetensors
+
+FOLDER = "model"
+MANIFEST = "handoff.json"
+FORMAT = "uae-handoff/1"
+CONNECTOR_FILE = "connector.safetensors"
+DIT_FILE = "dit.safetensors"
+# The options that say which base model a run started from, as the training scripts and eval tools spell them.
+BASE_OPTIONS = ("uae", "lvlm", "sd3", "dit", "connector", "pooled", "llm_lora", "dit_lora", "tiny_seed")
+
+
+def base_identity(tiny_seed: int | None = None, **paths: str | os.PathLike | None) -> dict:
+    """The base model as a comparable dict: absolute paths of the given parts (release folder `uae` or plain
+    parts), or the tiny preset's seed when no path is given."""
+    unknown = set(paths) - set(BASE_OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown base part(s) {sorted(unknown)}; expected {BASE_OPTIONS[:-1]}")
+    given = {k: str(Path(v).resolve()) for k, v in paths.items() if v}
+    return {k: given.get(k) for k in BASE_OPTIONS[:-1]} | {"tiny_seed": None if given else tiny_seed}
+
+
+def _option_name(key: str) -> str:
+    return "--seed (of the tiny preset)" if key == "tiny_seed" else "--" + key.replace("_", "-")
+
+
+@dataclass
+class Handoff:
+    """A `model/` folder's manifest. Adapter entries are folder names inside `folder`, oldest first; `trained`
+    names what the run that wrote it trained itself (the newest lvlm / dit adapter, the connector, the dit
+    weights), the rest it inherited."""
+    folder: Path
+    base: dict
+    lvlm_adapters: list[str] = field(default_factory=list)
+    dit_adapters: list[str] = field(default_factory=list)
+    dit_ema_adapter: str | None = None
+    connector: str | None = None
+    dit_weights: str | None = None
+    trained: list[str] = field(default_factory=list)
+    stages: list[dict] = field(default_factory=list)
+
+    def check_base(self, base: dict, what: str = "this run") -> None:
+        """Refuse to put this handoff on another base model, naming each option that differs."""
+        diff = [k for k in BASE_OPTIONS if self.base.get(k) != base.get(k)]
+        if diff:
+            shown = "; ".join(f"{_option_name(k)}: {self.base.get(k)!r} there, {base.get(k)!r} for {what}"
+                              for k in diff)
+            raise ValueError(f"{self.folder.parent} was trained on another base model ({shown}); pass the same "
+                             f"base model options as the run that wrote it")
+
+    def inherited(self) -> "Handoff":
+        """The part a resumed run inherited: without the adapters it trained itself (it re-creates those as
+        trainable and loads their values from its checkpoint) and without its own entry in `stages`. A trained
+        connector or DiT weights stay: they are the run's current values and are loaded as such."""
+        lvlm, dit, ema = list(self.lvlm_adapters), list(self.dit_adapters), self.dit_ema_adapter
+        if "lvlm_adapter" in self.trained:
+            lvlm.pop()
+        if "dit_adapter" in self.trained:
+            dit.pop()
+            ema = None
+        return replace(self, lvlm_adapters=lvlm, dit_adapters=dit, dit_ema_adapter=ema, stages=self.stages[:-1],
+                       trained=[t for t in self.trained if t not in ("lvlm_adapter", "dit_adapter")])
+
+    def trained_adapter(self, component: str, ema: bool = False) -> Path:
+        """The folder of the adapter the writing run trained on `component` ('lvlm' or 'dit')."""
+        if f"{component}_adapter" not in self.trained:
+            raise ValueError(f"{self.folder}: the run that wrote it trained no {component} adapter "
+                             f"(it trained {self.trained or 'nothing'})")
+        if ema:
+            if component != "dit" or self.dit_ema_adapter is None:
+                raise ValueError(f"{self.folder}: no EMA adapter for {component}")
+            return self.folder / self.dit_ema_adapter
+        return self.folder / (self.lvlm_adapters if component == "lvlm" else self.dit_adapters)[-1]
+
+
+def find_handoff(path: str | os.PathLike) -> Path:
+    """The `model/` folder of a run folder (its latest checkpoint), of a checkpoint folder, or the folder itself."""
+    p = Path(path)
+    if not p.exists():
+        raise FileNotFoundError(f"{p} does not exist (expected a run folder, a checkpoint folder or its model/)")
+    if (p / "latest").is_file():
+        step = p / (p / "latest").read_text().strip()
+        if not (step / "COMPLETE").exists():
+            raise CheckpointError(f"{p / 'latest'} names {step}, which is not a complete checkpoint")
+        p = step
+    for cand in (p, p / FOLDER):
+        if (cand / MANIFEST).is_file():
+            return cand
+    raise CheckpointError(f"{p} holds no {FOLDER}/{MANIFEST}: not a run or checkpoint folder written by this "
+                          f"project's training scripts")
+
+
+def read_handoff(path: str | os.PathLike) -> Handoff:
+    folder = find_handoff(path)
+    try:
+        raw = json.loads((folder / MANIFEST).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{folder / MANIFEST}: unreadable manifest: {e}") from None
+    if raw.pop("format", None) != FORMAT:
+        raise CheckpointError(f"{folder / MANIFEST}: not a {FORMAT} manifest")
+    try:
+        h = Handoff(folder=folder, **raw)
+    except TypeError as e:
+        raise CheckpointError(f"{folder / MANIFEST}: bad manifest: {e}") from None
+    names = h.lvlm_adapters + h.dit_adapters + [n for n in (h.dit_ema_adapter, h.connector, h.dit_weights) if n]
+    missing = [n for n in names if not (folder / n).exists()]
+    if missing:
+        raise CheckpointError(f"{folder}: the manifest lists {missing}, which are not there")
+    return h
+
+
+def load_handoff(uae, handoff: Handoff, ema: bool = False) -> None:
+    """Put `handoff` onto `uae` (built from the same base; call `handoff.check_base` first): the DiT weights and the
+    connector replace the base's, then every adapter is loaded and frozen, oldest first. ema=True takes the
+    newest DiT adapter's EMA in its place when there is one (what evaluation uses)."""
+    from model.lora import WEIGHTS_NAME, freeze_lora, load_lora, unwrap_lora
+
+    f = handoff.folder
+    if handoff.dit_weights:
+        unwrap_lora(uae.dit, merge=False)  # the full weights already hold every adapter below them
+        load_module(uae.dit, f / handoff.dit_weights, device=uae.device)
+    if handoff.connector:
+        file = f / handoff.connector
+        load_module(uae.connector, file, dtype=_saved_dtype(file), device=uae.device)
+    dit_adapters = list(handoff.dit_adapters)
+    if ema and handoff.dit_ema_adapter:
+        dit_adapters[-1] = handoff.dit_ema_adapter
+    for module, names in ((uae.lvlm, handoff.lvlm_adapters), (uae.dit, dit_adapters)):
+        for name in names:
+            load_lora(module, f / name, dtype=_saved_dtype(f / name / WEIGHTS_NAME))
+            freeze_lora(module)
+
+
+def _saved_dtype(file: Path) -> torch.dtype:
+    """The dtype a file's tensors were saved in: what the stage that wrote them trained in."""
+    ckpt = open_checkpoint(file)
+    return ckpt[next(iter(ckpt))].dtype
+
+
+def save_handoff(folder: str | os.PathLike, uae, *, base: dict, stage: str, run: str | os.PathLike, step: int,
+                 inherited: Handoff | None, trains: tuple[str, ...], dit_ema=None,
+                 connector_state: dict | None = None, dit_state: dict | None = None) -> Handoff:
+    """Write `folder` (a checkpoint's `model/`): what `inherited` holds, plus what this stage trains.
+
+    trains: any of "lvlm_adapter" / "dit_adapter" (the active LoRA adapter of uae.lvlm / uae.dit), "connector",
+    "dit_weights" (every DiT parameter). dit_ema: a context manager factory that swaps the EMA values into the DiT
+    adapter (train.rl.EMA.swap). connector_state / dit_state: full state dicts to write instead of the modules'
+    (FSDP2 gathers them). Inherited files are hard-linked (copied across file systems)."""
+    from model.lora import save_lora
+
+    bad = set(trains) - {"lvlm_adapter", "dit_adapter", "connector", "dit_weights"}
+    if bad:
+        raise ValueError(f"unknown trained part(s) {sorted(bad)}")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    src = inherited or Handoff(folder=folder, base=base)
+    if inherited is not None:
+        inherited.check_base(base)
+    h = Handoff(folder=folder, base=base, trained=list(trains),
+                stages=src.stages + [{"stage": stage, "run": str(Path(run).resolve()), "step": step}])
+
+    def link(name: str) -> str:
+        _link_or_copy(src.folder / name, folder / name)
+        return name
+
+    if "dit_weights" in trains:  # merged: the inherited DiT adapters live inside these weights now
+        save_safetensors(dit_state if dit_state is not None else uae.dit.state_dict(), folder / DIT_FILE)
+        h.dit_weights = DIT_FILE
+    else:
+        h.dit_weights = link(src.dit_weights) if src.dit_weights else None
+        h.dit_adapters = [link(n) for n in src.dit_adapters]
+    if "connector" in trains:
+        save_safetensors(connector_state if connector_state is not None else uae.connector.state_dict(),
+                         folder / CONNECTOR_FILE)
+        h.connector = CONNECTOR_FILE
+    else:
+        h.connector = link(src.connector) if src.connector else None
+    h.lvlm_adapters = [link(n) for n in src.lvlm_adapters]
+    if "dit_adapter" not in trains and src.dit_ema_adapter and "dit_weights" not in trains:
+        h.dit_ema_adapter = link(src.dit_ema_adapter)
+    if "lvlm_adapter" in trains:
+        name = f"lvlm_adapter_{len(h.lvlm_adapters)}"
+        save_lora(uae.lvlm, folder / name)
+        h.lvlm_adapters.append(name)
+    if "dit_adapter" in trains:
+        name = f"dit_adapter_{len(h.dit_adapters)}"
+        save_lora(uae.dit, folder / name)
+        h.dit_adapters.append(name)
+        if dit_ema is not None:
+            with dit_ema():
+                save_lora(uae.dit, folder / f"{name}_ema")
+            h.dit_ema_adapter = f"{name}_ema"
+    manifest = {"format": FORMAT, **{k: v for k, v in asdict(h).items() if k != "folder"}}
+    tmp = folder / f".{MANIFEST}.tmp.{os.getpid()}"
+    tmp.write_text(json.dumps(manifest, indent=2))
+    os.replace(tmp, folder / MANIFEST)
+    return h
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    """Hard-link a file or every file of a folder (the sources are never rewritten in place: saves replace files
+    by rename), copying where the file system refuses links."""
+    if src.is_dir():
+        dst.mkdir(parents=True, exist_ok=True)
+        for child in src.iterdir():
+            _link_or_copy(child, dst / child.name)
+        return
+    if dst.exists():
+        dst.unlink()
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)

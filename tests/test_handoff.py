@@ -1,0 +1,117 @@
+"""model/handoff.py: what a stage writes into its checkpoints' model/ folder, what the next stage and a resumed run
+read back, and the errors for folders that are not handoffs. The whole chain through the training scripts is
+tests/test_pipeline.py."""
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+from model.handoff import Handoff, base_identity, find_handoff, load_handoff, read_handoff, save_handoff
+from model.lora import apply_lora, frozen_lora_layers, lora_layers, unwrap_lora
+from model.uae import UAE
+from weights import CheckpointError
+
+BASE = base_identity(tiny_seed=0)
+
+
+def trained_model(seed: int, components=("dit",)) -> UAE:
+    """The tiny model with a non-zero adapter on each of `components` and a moved connector."""
+    torch.manual_seed(seed)
+    uae = UAE.tiny(0).requires_grad_(False)
+    for c in components:
+        module = uae.lvlm.language_model if c == "lvlm" else uae.dit
+        apply_lora(module, ["q_proj"] if c == "lvlm" else ["to_q"], rank=2, alpha=4.0)
+        with torch.no_grad():
+            for m in lora_layers(module).values():
+                m.B.weight.normal_(0, 0.1)
+    with torch.no_grad():
+        uae.connector.fc1.weight.add_(0.01)
+    return uae
+
+
+def test_a_chain_of_two_stages_links_and_stacks(tmp_path):
+    a = trained_model(1, ("dit",))
+    first = save_handoff(tmp_path / "a" / "model", a, base=BASE, stage="sft_decoder", run=tmp_path / "a", step=3,
+                         inherited=None, trains=("dit_adapter", "connector"))
+    assert first.dit_adapters == ["dit_adapter_0"] and first.connector == "connector.safetensors"
+
+    # Stage two inherits it (frozen under its own LVLM adapter) and hands both on; inherited files are links.
+    b = UAE.tiny(0).requires_grad_(False)
+    inherited = read_handoff(tmp_path / "a" / "model")
+    load_handoff(b, inherited)
+    assert list(frozen_lora_layers(b.dit)) == list(lora_layers(a.dit)) and not lora_layers(b.dit)
+    assert torch.equal(b.connector.fc1.weight, a.connector.fc1.weight)
+    apply_lora(b.lvlm.language_model, ["q_proj"], rank=2, alpha=4.0)
+    second = save_handoff(tmp_path / "b" / "model", b, base=BASE, stage="grpo_encoder", run=tmp_path / "b", step=1,
+                          inherited=inherited, trains=("lvlm_adapter",))
+    h = read_handoff(tmp_path / "b" / "model")
+    assert (h.lvlm_adapters, h.dit_adapters, h.trained) == (["lvlm_adapter_0"], ["dit_adapter_0"], ["lvlm_adapter"])
+    assert [s["stage"] for s in h.stages] == ["sft_decoder", "grpo_encoder"] and h.base == BASE
+    for name in ("dit_adapter_0/adapter_model.safetensors", "connector.safetensors"):
+        assert os.path.samefile(first.folder / name, second.folder / name), name
+    assert h.trained_adapter("lvlm") == h.folder / "lvlm_adapter_0"
+    with pytest.raises(ValueError, match="trained no dit adapter"):
+        h.trained_adapter("dit")
+
+    # A resumed run rebuilds everything but its own adapter, which it re-creates trainable.
+    resumed = h.inherited()
+    assert resumed.lvlm_adapters == [] and resumed.dit_adapters == ["dit_adapter_0"]
+    assert resumed.connector == "connector.safetensors" and resumed.trained == []
+    assert [s["stage"] for s in resumed.stages] == ["sft_decoder"]
+
+
+def test_full_weights_absorb_the_adapters_below_them(tmp_path):
+    a = trained_model(2, ("dit",))
+    save_handoff(tmp_path / "a", a, base=BASE, stage="sft_decoder", run=tmp_path, step=1, inherited=None,
+                 trains=("dit_adapter",))
+    b = UAE.tiny(0).requires_grad_(False)
+    load_handoff(b, read_handoff(tmp_path / "a"))
+    unwrap_lora(b.dit, merge=True)
+    h = save_handoff(tmp_path / "b", b, base=BASE, stage="sft_decoder", run=tmp_path, step=1,
+                     inherited=read_handoff(tmp_path / "a"), trains=("dit_weights",))
+    assert h.dit_weights == "dit.safetensors" and h.dit_adapters == []
+    c = UAE.tiny(0).requires_grad_(False)
+    load_handoff(c, read_handoff(tmp_path / "b"))
+    assert not frozen_lora_layers(c.dit)
+    for (n, p), (_, q) in zip(b.dit.state_dict().items(), c.dit.state_dict().items()):
+        assert torch.equal(p, q), n
+
+
+def test_bad_folders_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        find_handoff(tmp_path / "nope")
+    with pytest.raises(CheckpointError, match="holds no model/handoff.json"):
+        find_handoff(tmp_path)
+    run = tmp_path / "run"
+    (run / "step_00000002").mkdir(parents=True)
+    (run / "latest").write_text("step_00000002")
+    with pytest.raises(CheckpointError, match="not a complete checkpoint"):
+        find_handoff(run)
+    save_handoff(tmp_path / "m", trained_model(3), base=BASE, stage="x", run=tmp_path, step=1, inherited=None,
+                 trains=("dit_adapter",))
+    manifest = json.loads((tmp_path / "m" / "handoff.json").read_text())
+    (tmp_path / "m" / "handoff.json").write_text(json.dumps({**manifest, "dit_adapters": ["dit_adapter_7"]}))
+    with pytest.raises(CheckpointError, match="lists \\['dit_adapter_7'\\], which are not there"):
+        read_handoff(tmp_path / "m")
+    (tmp_path / "m" / "handoff.json").write_text(json.dumps({**manifest, "format": "other"}))
+    with pytest.raises(CheckpointError, match="not a uae-handoff/1 manifest"):
+        read_handoff(tmp_path / "m")
+    (tmp_path / "m" / "handoff.json").write_text("{")
+    with pytest.raises(CheckpointError, match="unreadable manifest"):
+        read_handoff(tmp_path / "m")
+
+
+def test_base_mismatch_names_every_option():
+    h = Handoff(folder=Path("/runs/a/step_1/model"), base=base_identity(uae="/ckpt/UAE"))
+    h.check_base(base_identity(uae="/ckpt/UAE"))
+    with pytest.raises(ValueError, match=r"--uae: '/ckpt/UAE' there, None for this run; --seed \(of the tiny "
+                                         r"preset\): None there, 0 for this run"):
+        h.check_base(BASE)
+    with pytest.raises(ValueError, match="--dit-lora"):
+        h.check_base(base_identity(uae="/ckpt/UAE", dit_lora="/x"))
+    with pytest.raises(ValueError, match="unknown base part"):
+        base_identity(clip="/x")
+    with pytest.raises(ValueError, match="unknown trained part"):
+        save_handoff("/tmp/never", None, base=BASE, stage="x", run="/tmp", step=0, inherited=None, trains=("vae",))
