@@ -1,6 +1,6 @@
 """Triton flash attention (kernels/attention.py) against torch SDPA, same run, same GPU.
 
-Fixed-length shapes of ../shared/notes/gpu-baselines.md (bf16): SD3.5-large joint attention B2 H38 L4608 d64,
+Fixed-length shapes of the models' real configs (bf16): SD3.5-large joint attention B2 H38 L4608 d64,
 SD3.5-medium 512 px B8 H24 L1536 d64, Qwen LM causal prefill B8 H16 L1024 d128 (also with its 2 key/value heads
 unless --quick), Qwen ViT full attention B1 H16 L4096 d80; forward and forward+backward. Varlen: the Qwen2.5-VL
 vision windows of two images (64-patch windows cut at the edges) through one `flash_attention_varlen` call against a

@@ -1,6 +1,6 @@
 """Fused token log-probs (kernels/logprob.py) against the naive log_softmax + gather, same run, same GPU.
 
-Shape of ../shared/notes/gpu-baselines.md: B8 x T512 tokens (N = 4096), hidden 2048, vocabulary 151936, bf16 hidden
+The stage-2 GRPO shape: B8 x T512 tokens (N = 4096), hidden 2048, vocabulary 151936, bf16 hidden
 states and LM head. Naive: `F.linear(h, W).float().log_softmax(-1).gather(-1, t)` (what GRPO code usually writes).
 Both forward+backward with gradients to the hidden states (the LM head frozen, as with LoRA), and, unless --quick,
 also to the head weight. Reports the median time and the peak memory allocated above the inputs during one
