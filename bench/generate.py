@@ -4,8 +4,9 @@ Qwen2_5_VLForConditionalGeneration.generate, same run, same GPU.
 Random-initialised models at the real Qwen2.5-VL-3B shapes in bf16 (weights differ between the two: speed does not
 depend on them), text-only prompts of 64 random tokens, 256 sampled new tokens (temperature 0.7, no top-k/top-p), at
 batch 1 and 8 (HF `generate` on one H100 measured 28 / 252 tok/s there). tok/s counts every row's generated tokens
-(batch x steps). Also checks that greedy decoding with the graph gives exactly the eager tokens, and reports the bandwidth the decode
-reaches on the language-model weights (bytes of the LM per step / time per step; H100 copy ceiling ~3.0 TB/s).
+(batch x steps). Also checks that greedy decoding with the graph gives exactly the eager tokens, and reports the
+bandwidth the decode reaches on the language-model weights (bytes of the LM per step / time per step; H100 copy
+ceiling ~3.0 TB/s).
 
     python bench/generate.py [--quick] [--out results.json]
     python bench/generate.py --smoke          # tiny models on CPU (no CUDA graph there)
