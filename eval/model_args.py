@@ -56,12 +56,11 @@ def caption_prompt(name: str) -> str:
 def load_model(args):
     """Build the UAE the options describe, with --run's result on top; a missing or broken part, or a run trained
     on another base model, exits with the loader's message."""
-    from model.handoff import base_identity, load_handoff, read_handoff
+    from model.handoff import BASE_PARTS, base_identity, load_handoff, read_handoff
     from model.uae import UAE
     from weights import CheckpointError
 
-    parts = dict(lvlm=args.lvlm, sd3=args.sd3, dit=args.dit, connector=args.connector, pooled=args.pooled,
-                 llm_lora=args.llm_lora, dit_lora=args.dit_lora)
+    parts = {k: getattr(args, k) for k in BASE_PARTS if k != "uae"}
     if args.tiny:
         if args.uae or any(parts.values()):
             sys.exit("error: --tiny takes no weights")

@@ -36,6 +36,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from eval.model_args import add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, load_model
 from eval.reward import Backbone
 
 BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
@@ -233,8 +234,6 @@ def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[s
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from eval.model_args import add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, load_model
-
     p = argparse.ArgumentParser(prog="python -m eval.unified_bench", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="command", required=True)
@@ -254,11 +253,8 @@ def main(argv: list[str] | None = None) -> dict:
             add_sampling_args(s)
             add_model_args(s)
     a = p.parse_args(argv)
-    if a.command == "score":
-        backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
-    else:
-        uae = load_model(a)
-        backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
+    uae = load_model(a) if a.command == "run" else None  # first: bad model options fail before any backbone loads
+    backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
     if not backbones:
         print("warning: no backbone weights given; every backbone will be reported as missing", file=sys.stderr)
     if a.command == "score":

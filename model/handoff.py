@@ -41,18 +41,20 @@ MANIFEST = "handoff.json"
 FORMAT = "uae-handoff/1"
 CONNECTOR_FILE = "connector.safetensors"
 DIT_FILE = "dit.safetensors"
-# The options that say which base model a run started from, as the training scripts and eval tools spell them.
-BASE_OPTIONS = ("uae", "lvlm", "sd3", "dit", "connector", "pooled", "llm_lora", "dit_lora", "tiny_seed")
+# The paths that say which base model a run started from (the release folder or plain parts), as the training
+# scripts and eval tools name their options; without any, the tiny preset and its seed.
+BASE_PARTS = ("uae", "lvlm", "sd3", "dit", "connector", "pooled", "llm_lora", "dit_lora")
+BASE_OPTIONS = BASE_PARTS + ("tiny_seed",)
 
 
 def base_identity(tiny_seed: int | None = None, **paths: str | os.PathLike | None) -> dict:
     """The base model as a comparable dict: absolute paths of the given parts (release folder `uae` or plain
     parts), or the tiny preset's seed when no path is given."""
-    unknown = set(paths) - set(BASE_OPTIONS)
+    unknown = set(paths) - set(BASE_PARTS)
     if unknown:
-        raise ValueError(f"unknown base part(s) {sorted(unknown)}; expected {BASE_OPTIONS[:-1]}")
+        raise ValueError(f"unknown base part(s) {sorted(unknown)}; expected {BASE_PARTS}")
     given = {k: str(Path(v).resolve()) for k, v in paths.items() if v}
-    return {k: given.get(k) for k in BASE_OPTIONS[:-1]} | {"tiny_seed": None if given else tiny_seed}
+    return {k: given.get(k) for k in BASE_PARTS} | {"tiny_seed": None if given else tiny_seed}
 
 
 def _option_name(key: str) -> str:

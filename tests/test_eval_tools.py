@@ -17,14 +17,12 @@ from model.lora import load_lora
 from model.uae import CAPTION_PROMPT, UAE, UNIFIED_BENCH_PROMPT
 from tests.fake_release import save_tiny_clip
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
+from tests.test_grpo_decoder import FAST as GD_FAST
+from tests.test_grpo_encoder import FAST as GE_FAST
 
-# One training step of each RL stage on the tiny preset (seed 0), as in tests/test_grpo_{decoder,encoder}.py.
-DECODER_RUN = ["--images-per-step", "1", "--group-size", "4", "--sample-steps", "4", "--procedural-images", "2",
-               "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--beta", "0.04", "--size", "64",
-               "--device", "cpu", "--steps", "1", "--save-every", "1", "--ema-decay", "0.5"]
-ENCODER_RUN = ["--images-per-step", "1", "--group-size", "4", "--max-new-tokens", "8", "--gen-steps", "2",
-               "--beta", "0.04", "--lora-rank", "4", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu",
-               "--steps", "1", "--save-every", "1"]
+# One training step of each RL stage on the tiny preset (seed 0), with the fast options of their own tests.
+DECODER_RUN = GD_FAST + ["--steps", "1", "--save-every", "1", "--ema-decay", "0.5"]
+ENCODER_RUN = GE_FAST + ["--steps", "1", "--save-every", "1"]
 
 
 def _train(script, args, folder):

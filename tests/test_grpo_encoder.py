@@ -72,10 +72,6 @@ def test_first_step_invariants_and_metrics_fields(tmp_path):
     assert r[0]["grad_norm"] > 0
 
 
-def trained_adapter(out):
-    return trained(out, "lvlm")
-
-
 def test_no_reference_forward_at_beta_zero(tmp_path, monkeypatch):
     # TRL's GRPOTrainer skips the reference model at beta 0; so do we, and no KL is reported.
     monkeypatch.setattr(ge, "lora_disabled", lambda m: pytest.fail("reference forward at beta 0"))
@@ -87,17 +83,17 @@ def test_adapters_off_reference_equals_frozen_base(tmp_path):
     out = tmp_path / "run"
     ge.main(FAST + ["--steps", "1", "--out", str(out)])
     base = UAE.tiny(0).requires_grad_(False)
-    trained = UAE.tiny(0).requires_grad_(False)
-    load_lora(trained.lvlm, trained_adapter(out))
+    model = UAE.tiny(0).requires_grad_(False)
+    load_lora(model.lvlm, trained(out, "lvlm"))
     image, caption = procedural_scene(3)
     inputs = base.caption_inputs([image])
     tokens = torch.tensor([base.processor.encode(caption)[:6]])
     mask = torch.ones_like(tokens, dtype=torch.bool)
     with torch.no_grad():
         lp_base = ge.caption_logprobs(base, inputs, tokens, mask, 1.0)
-        lp_on = ge.caption_logprobs(trained, inputs, tokens, mask, 1.0)
-        with lora_disabled(trained.lvlm):
-            lp_off = ge.caption_logprobs(trained, inputs, tokens, mask, 1.0)
+        lp_on = ge.caption_logprobs(model, inputs, tokens, mask, 1.0)
+        with lora_disabled(model.lvlm):
+            lp_off = ge.caption_logprobs(model, inputs, tokens, mask, 1.0)
     assert torch.equal(lp_off, lp_base)
     assert (lp_on - lp_base).abs().max() > 1e-6
 
@@ -109,7 +105,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     ge.main(common + ["--steps", "1", "--out", str(part)])
     ge.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
-    a, b = adapter(trained_adapter(full)), adapter(trained_adapter(part))
+    a, b = adapter(trained(full, "lvlm")), adapter(trained(part, "lvlm"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(ValueError, match="lora_rank"):
         ge.main(FAST[:-6] + ["--lora-rank", "8", "--lora-alpha", "8", "--lr", "1e-2", "--device", "cpu",
@@ -127,7 +123,7 @@ def test_two_processes_equal_one(tmp_path):
     args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3"]
     ge.main(args + ["--out", str(tmp_path / "one")])
     torchrun_two("grpo_encoder.py", args, tmp_path / "two")
-    a, b = adapter(trained_adapter(tmp_path / "one")), adapter(trained_adapter(tmp_path / "two"))
+    a, b = adapter(trained(tmp_path / "one", "lvlm")), adapter(trained(tmp_path / "two", "lvlm"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
@@ -153,7 +149,7 @@ def test_kernel_paths_give_the_same_run(tmp_path):
             assert y[k] == pytest.approx(x[k], rel=1e-4, abs=1e-6), k
     # Adam scales each update to about lr (1e-2) whatever the gradient's size, so the ~1e-6 relative differences of
     # the kernels' sums move near-zero-gradient entries by up to ~1e-4 after two steps; a wrong kernel moves ~lr.
-    a, b = adapter(trained_adapter(tmp_path / "default")), adapter(trained_adapter(tmp_path / "kernels"))
+    a, b = adapter(trained(tmp_path / "default", "lvlm")), adapter(trained(tmp_path / "kernels", "lvlm"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=0, atol=5e-4)
 

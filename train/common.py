@@ -20,6 +20,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from model.handoff import BASE_PARTS
+
 # ----------------------------------------------------------------------------------------------- options from argv
 
 def parse_options(cls, argv: list[str] | None = None, description: str | None = None):
@@ -383,14 +385,14 @@ def set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------------------------- models
 
 # Options that pick the model a run starts from; a resumed run must keep them.
-BASE_KEYS = ("uae", "lvlm", "sd3", "dit", "connector", "pooled", "llm_lora", "dit_lora", "init")
+BASE_KEYS = BASE_PARTS + ("init",)
 
 
 def base_model(o: RunOptions) -> dict:
     """The base model of a run, as model.handoff records it (the tiny preset is identified by its seed)."""
     from model.handoff import base_identity
 
-    return base_identity(tiny_seed=o.seed, **{k: getattr(o, k) for k in BASE_KEYS if k != "init"})
+    return base_identity(tiny_seed=o.seed, **{k: getattr(o, k) for k in BASE_PARTS})
 
 
 def build_uae(o: RunOptions, dtype: torch.dtype, device: torch.device, resume_from: Path | None = None):
@@ -416,7 +418,7 @@ def build_uae(o: RunOptions, dtype: torch.dtype, device: torch.device, resume_fr
         inherited = read_handoff(o.init)
     if inherited is not None:
         inherited.check_base(base_model(o))
-    parts = {k: getattr(o, k) or None for k in BASE_KEYS if k not in ("uae", "init")}
+    parts = {k: getattr(o, k) or None for k in BASE_PARTS if k != "uae"}
     if o.uae or any(parts.values()):
         uae = UAE.from_pretrained(o.uae or None, dtype=dtype, device=device, **parts)
     else:
