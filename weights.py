@@ -1,8 +1,16 @@
 """Checkpoint reading and strict loading of official safetensors into models built on the meta device.
 
 A checkpoint is one `.safetensors` file, a folder of `*.safetensors` files, or a sharded folder described by
-`*.safetensors.index.json` (`{"weight_map": {key: shard_file}}`). Tensors are read lazily through safetensors'
-mmap-backed `safe_open`, one at a time, so loading never holds a second full copy of the weights.
+`*.safetensors.index.json` (`{"weight_map": {key: shard_file}}`). Headers are validated when a checkpoint is
+opened, so a truncated or edited file fails there with its name; every later read error also names file and key.
+
+Tensors are read one at a time through safetensors' `safe_open`, which maps the file into memory. `load_module` and
+`load_state_dict` copy each tensor into memory of its own (once: a dtype or device conversion is that copy), so
+loading never holds a second full copy of the weights, and the loaded weights neither change nor crash the process
+(SIGBUS) when the file is later overwritten or truncated; fresh allocations are also aligned, so a model computes
+the same bits whether it came from one file or from shards. `mmap=True` skips the copy and keeps tensors backed by
+the file: less memory and a faster load for read-only inference from a file nothing rewrites meanwhile.
+`Checkpoint[key]` always returns such a file-backed tensor.
 
 Loading is strict: `load_module` maps checkpoint keys to module keys with one explicit regex table per model and
 raises `CheckpointError` naming the key and the file for every missing, unexpected or mis-shaped tensor, before any
@@ -15,6 +23,7 @@ weight is assigned.
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 import struct
@@ -27,56 +36,104 @@ from torch import nn
 
 __all__ = [
     "CheckpointError", "Checkpoint", "open_checkpoint", "load_state_dict", "rename_keys", "load_module",
-    "save_safetensors",
+    "save_safetensors", "read_json",
 ]
 
 # (regex fully matching a checkpoint key, replacement template or None to drop the key on purpose).
 KeyTable = Sequence[tuple[str, str | None]]
 
-_SAFETENSORS_DTYPES = {"F64", "F32", "F16", "BF16", "I64", "I32", "I16", "I8", "U8", "BOOL", "F8_E4M3", "F8_E5M2",
-                       "U16", "U32", "U64", "F8_E8M0", "F4"}
+# Bits per element of each safetensors dtype (F4 packs two values in a byte).
+_DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
+               "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64, "F8_E8M0": 8, "F4": 4}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be loaded as asked: unreadable file, bad index, missing/unexpected/mis-shaped key."""
 
 
+def read_json(file: str | os.PathLike) -> dict:
+    """Read a JSON config or index file that must hold an object. Invalid JSON (with the error's position) and a
+    top level that is not an object raise CheckpointError naming the file; a missing file raises OSError as usual."""
+    file = Path(file)
+    try:
+        data = json.loads(file.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{file}: not valid JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(f"{file}: expected a JSON object at the top level, got {type(data).__name__}")
+    return data
+
+
 def _read_header(file: Path) -> dict:
-    """Parse and validate a safetensors header so that truncated or corrupt files fail here with the file's name
-    rather than later inside safetensors or, worse, with garbage tensors."""
-    size = file.stat().st_size
-    if size < 8:
-        raise CheckpointError(f"{file}: not a safetensors file ({size} bytes; a header needs at least 8)")
-    with open(file, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        if n == 0 or 8 + n > size:
-            raise CheckpointError(f"{file}: bad safetensors header length {n} for a file of {size} bytes "
-                                  "(truncated or not a safetensors file)")
-        raw = f.read(n)
+    """Parse and validate a safetensors header as safetensors itself would, so that truncated or edited files fail
+    here with the file's name rather than later inside safetensors or, worse, with garbage tensors."""
+    try:
+        with open(file, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            if size < 8:
+                raise CheckpointError(f"{file}: not a safetensors file ({size} bytes; a header needs at least 8)")
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n == 0 or 8 + n > size:
+                raise CheckpointError(f"{file}: bad safetensors header length {n} for a file of {size} bytes "
+                                      "(truncated or not a safetensors file)")
+            raw = f.read(n)
+    except OSError as e:
+        raise CheckpointError(f"{file}: cannot read ({e})") from None
     try:
         header = json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
         raise CheckpointError(f"{file}: safetensors header is not valid JSON ({e})") from None
     if not isinstance(header, dict):
         raise CheckpointError(f"{file}: safetensors header is not a JSON object")
-    end = 0
+    metadata = header.get("__metadata__")
+    if metadata is not None and not (isinstance(metadata, dict) and all(isinstance(v, str) for v in metadata.values())):
+        raise CheckpointError(f"{file}: '__metadata__' must be an object of string values, got {metadata!r}")
+    spans = []
     for key, info in header.items():
         if key == "__metadata__":
             continue
-        if (not isinstance(info, dict) or info.get("dtype") not in _SAFETENSORS_DTYPES
-                or not isinstance(info.get("shape"), list) or not isinstance(info.get("data_offsets"), list)
-                or len(info["data_offsets"]) != 2):
-            raise CheckpointError(f"{file}: malformed header entry for key {key!r}: {info!r}")
-        end = max(end, int(info["data_offsets"][1]))
-    if 8 + n + end > size:
-        raise CheckpointError(f"{file}: truncated: header describes {8 + n + end} bytes but the file has {size}")
+        if not isinstance(info, dict) or not _naturals(info.get("shape")) or not _naturals(info.get("data_offsets"), 2):
+            raise CheckpointError(f"{file}: malformed header entry for key {key!r} (needs dtype, shape and "
+                                  f"data_offsets [begin, end] of non-negative integers): {info!r}")
+        if info.get("dtype") not in _DTYPE_BITS:
+            raise CheckpointError(f"{file}: key {key!r} has unknown dtype {info.get('dtype')!r} "
+                                  f"(known: {', '.join(_DTYPE_BITS)})")
+        begin, end = info["data_offsets"]
+        bits = math.prod(info["shape"]) * _DTYPE_BITS[info["dtype"]]
+        if end < begin or (end - begin) * 8 != bits:
+            raise CheckpointError(f"{file}: key {key!r} has data_offsets [{begin}, {end}] ({end - begin} bytes), but "
+                                  f"{info['dtype']} of shape {info['shape']} takes {bits / 8:g} bytes")
+        spans.append((begin, end, key))
+    # safetensors requires the tensors to tile the data section: in offset order each one starts where the previous
+    # one ends, the first at 0, and the last ends at the end of the file.
+    at, previous = 0, None
+    for begin, end, key in sorted(spans):
+        if begin < at:
+            raise CheckpointError(f"{file}: key {key!r} (data_offsets [{begin}, {end}]) overlaps {previous!r}, "
+                                  f"which ends at {at}")
+        if begin > at:
+            raise CheckpointError(f"{file}: {begin - at} bytes before key {key!r} (data_offsets [{begin}, {end}]) "
+                                  "belong to no tensor")
+        at, previous = end, key
+    if 8 + n + at > size:
+        raise CheckpointError(f"{file}: truncated: header describes {8 + n + at} bytes but the file has {size}")
+    if 8 + n + at < size:
+        raise CheckpointError(f"{file}: {size - 8 - n - at} bytes after the last tensor belong to no tensor "
+                              f"(header describes {8 + n + at} bytes, the file has {size})")
     return header
+
+
+def _naturals(value, length: int | None = None) -> bool:
+    """A JSON list of non-negative integers (of `length` items when given); JSON true/false do not count."""
+    return (isinstance(value, list) and (length is None or len(value) == length)
+            and all(isinstance(v, int) and not isinstance(v, bool) and v >= 0 for v in value))
 
 
 class Checkpoint(Mapping):
     """Lazy read-only mapping key -> tensor over one or several safetensors files.
 
-    `shape(key)` and `file_of(key)` answer from the headers without reading data; indexing reads one tensor.
+    `shape(key)` and `file_of(key)` answer from the headers without reading data; indexing reads one tensor, backed
+    by the file's memory mapping (see the module docstring): copy it to keep it past a rewrite of the file.
     """
 
     def __init__(self, files: dict[str, Path]):
@@ -121,11 +178,13 @@ class Checkpoint(Mapping):
     @classmethod
     def _from_index(cls, index: Path) -> "Checkpoint":
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError) as e:
-            raise CheckpointError(f"{index}: unreadable index file (needs a 'weight_map' object): {e!r}") from None
-        if not isinstance(weight_map, dict) or not weight_map:
-            raise CheckpointError(f"{index}: 'weight_map' must be a non-empty object of key -> shard file")
+            weight_map = read_json(index).get("weight_map")
+        except OSError as e:
+            raise CheckpointError(f"{index}: cannot read the index file ({e})") from None
+        if (not isinstance(weight_map, dict) or not weight_map
+                or not all(isinstance(shard, str) for shard in weight_map.values())):
+            raise CheckpointError(f"{index}: unreadable index file: needs a non-empty 'weight_map' object of "
+                                  f"key -> shard file name, got {weight_map!r:.200}")
         key_file = {}
         for key, shard in weight_map.items():
             file = index.parent / shard
@@ -144,10 +203,10 @@ class Checkpoint(Mapping):
 
     def __getitem__(self, key: str) -> torch.Tensor:
         file = self.file_of(key)
-        handle = self._handles.get(file)
-        if handle is None:
-            handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
         try:
+            handle = self._handles.get(file)
+            if handle is None:
+                handle = self._handles[file] = safe_open(str(file), framework="pt", device="cpu")
             return handle.get_tensor(key)
         except Exception as e:  # safetensors raises its own error types; name the file and key
             raise CheckpointError(f"{file}: cannot read tensor {key!r}: {e}") from e
@@ -187,17 +246,19 @@ def open_checkpoint(path: str | os.PathLike) -> Checkpoint:
     return Checkpoint.open(path)
 
 
-def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None,
-                    device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
-    """Read every tensor of a checkpoint file or folder; floating tensors are cast to `dtype` when given."""
+def load_state_dict(path: str | os.PathLike, dtype: torch.dtype | None = None, device: str | torch.device = "cpu",
+                    mmap: bool = False) -> dict[str, torch.Tensor]:
+    """Read every tensor of a checkpoint file or folder into memory of its own (file-backed with `mmap=True`, see
+    the module docstring); floating tensors are cast to `dtype` when given."""
     ckpt = open_checkpoint(path)
-    return {k: _convert(ckpt[k], dtype, device) for k in ckpt}
+    return {k: _convert(ckpt[k], dtype, device, own=not mmap) for k in ckpt}
 
 
-def _convert(t: torch.Tensor, dtype: torch.dtype | None, device) -> torch.Tensor:
-    if dtype is not None and t.is_floating_point():
-        return t.to(device=device, dtype=dtype)
-    return t.to(device=device)
+def _convert(t: torch.Tensor, dtype: torch.dtype | None, device, own: bool) -> torch.Tensor:
+    """Cast/move `t`; with `own`, the result never shares memory with `t`, which may be backed by a checkpoint file.
+    `Tensor.to` returns `t` itself when it has nothing to do, and a copy otherwise: clone only in the first case."""
+    out = t.to(device=device, dtype=dtype) if dtype is not None and t.is_floating_point() else t.to(device=device)
+    return out.clone() if own and out is t else out
 
 
 def _source_name(source) -> Callable[[str], str]:
@@ -228,7 +289,7 @@ def rename_keys(keys: Sequence[str], table: KeyTable) -> dict[str, str]:
 
 
 def load_module(module: nn.Module, source: str | os.PathLike | Mapping[str, torch.Tensor], table: KeyTable = (),
-                dtype: torch.dtype | None = None, device: str | torch.device = "cpu") -> nn.Module:
+                dtype: torch.dtype | None = None, device: str | torch.device = "cpu", mmap: bool = False) -> nn.Module:
     """Strictly load `source` (path, Checkpoint or state dict) into `module`, typically built on the meta device.
 
     Every persistent parameter/buffer must come from exactly one checkpoint key after renaming; extra keys,
@@ -237,7 +298,12 @@ def load_module(module: nn.Module, source: str | os.PathLike | Mapping[str, torc
     only one of their names in the checkpoint and stay tied after loading. Floating tensors are cast to `dtype`.
     Afterwards every submodule's `reset_non_persistent_buffers()` (if defined) is called to rebuild buffers that
     are not stored (RoPE tables), and a tensor still on the meta device is an error.
+
+    Tensors read from a file (a path, a Checkpoint, or a lazy Mapping over one such as a renaming view) are copied
+    into memory the module owns unless `mmap=True` (see the module docstring). A plain dict holds tensors the caller
+    already has in memory: they are assigned as they are (cast or moved when asked), so loading it copies nothing.
     """
+    own = not mmap and not isinstance(source, dict)
     if not isinstance(source, Mapping):
         source = open_checkpoint(source)
     where = _source_name(source)
@@ -284,7 +350,7 @@ def load_module(module: nn.Module, source: str | os.PathLike | Mapping[str, torc
         t = source[chosen[mkey]]
         ref = expected[mkey]
         # Non-float tensors keep their own dtype; float buffers follow `dtype` like parameters do.
-        t = _convert(t, dtype if dtype is not None else (ref.dtype if ref.is_floating_point() else None), device)
+        t = _convert(t, dtype if dtype is not None else (ref.dtype if ref.is_floating_point() else None), device, own)
         for n in names:
             state[n] = t
     module.load_state_dict(state, strict=True, assign=True)

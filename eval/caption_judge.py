@@ -13,12 +13,13 @@ The judge is any HTTP endpoint speaking the OpenAI chat-completions protocol; on
     python -m eval.caption_judge ours.jsonl baseline.json --images bench/images --url http://127.0.0.1:8000/v1 \
         --model Qwen2.5-VL-72B-Instruct --out judge.json [--api-key-env OPENAI_API_KEY]
 
-Caption files: JSONL with one {"image": name, "caption": text} per line, or JSON, either {name: caption} (what
-`eval.unified_bench` writes as captions.json) or a list of such objects. Names are matched by file stem.
+Caption files: JSONL with one {"image": name, "caption": text} per line, or JSON: {name: caption}, a list of
+{"image", "caption"} objects, or {"captions": {name: caption}, "skipped": [...]} (what eval.caption --out and
+eval.unified_bench's captions.json hold). Names are matched by file stem. --out is rewritten after every image
+("complete": false until the last), so an interrupted run keeps its judgements.
 """
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import json
@@ -30,6 +31,8 @@ import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from eval.cli import at_least, parser, positive_float, refuse_overwrite, write_json
 
 CRITERIA = ("comprehensiveness", "fluency", "insight")
 VERDICTS = ("A", "B", "tie")
@@ -339,8 +342,9 @@ def _system_of(order: dict):
 # ----------------------------------------------------------------------------------------------- files and CLI
 
 def load_captions(path: str | Path) -> dict[str, str]:
-    """{image stem: caption} from a JSONL file ({"image", "caption"} per line) or a JSON file ({name: caption} or a
-    list of {"image", "caption"} objects)."""
+    """{image stem: caption} from a JSONL file ({"image", "caption"} per line) or a JSON file ({name: caption}, a
+    list of {"image", "caption"} objects, or eval.caption's {"captions": {name: caption}, "skipped": [...]}, whose
+    skipped images have no caption)."""
     path = Path(path)
     text = path.read_text(encoding="utf-8")
     rows: list[tuple[str, object]] = []
@@ -358,7 +362,9 @@ def load_captions(path: str | Path) -> dict[str, str]:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: not JSON ({e.msg} at line {e.lineno})") from None
-        if isinstance(obj, dict):
+        if isinstance(obj, dict) and set(obj) == {"captions", "skipped"} and isinstance(obj["captions"], dict):
+            rows = list(obj["captions"].items())
+        elif isinstance(obj, dict):
             rows = list(obj.items())
         elif isinstance(obj, list):
             rows = [_row(o, f"{path}[{i}]") for i, o in enumerate(obj)]
@@ -393,15 +399,22 @@ def find_images(folder: str | Path, names: list[str]) -> dict[str, Path]:
     return {n: by_stem[n] for n in names}
 
 
-def run(captions: tuple[dict[str, str], dict[str, str]], names: tuple[str, str], client: ChatClient,
-        images: str | Path | None = None, limit: int = 0, log=print) -> dict:
-    """Judge every image captioned by both systems (sorted by name, the first `limit` if > 0)."""
+def select_images(captions: tuple[dict[str, str], dict[str, str]], names: tuple[str, str],
+                  images: str | Path | None = None, limit: int = 0) -> tuple[list[str], dict[str, Path]]:
+    """The names to judge (captioned by both systems, sorted, the first `limit` if > 0) and their image files
+    ({} without `images`); ValueError when there is nothing to judge or an image is missing."""
     common = sorted(set(captions[0]) & set(captions[1]))
     if not common:
         raise ValueError(f"the caption files of {names[0]} and {names[1]} share no image name")
     if limit > 0:
         common = common[:limit]
-    files = find_images(images, common) if images else {}
+    return common, find_images(images, common) if images else {}
+
+
+def run(captions: tuple[dict[str, str], dict[str, str]], names: tuple[str, str], client: ChatClient,
+        images: str | Path | None = None, limit: int = 0, log=print, out: Path | None = None) -> dict:
+    """Judge every image `select_images` picks (at least one); the report is rewritten to `out` after every image."""
+    common, files = select_images(captions, names, images, limit)
     results = []
     for i, name in enumerate(common):
         url = image_data_url(files[name]) if files else None
@@ -409,39 +422,55 @@ def run(captions: tuple[dict[str, str], dict[str, str]], names: tuple[str, str],
         results.append(r)
         shown = "invalid" if r["winner"] is None else ("tie" if r["winner"] == "tie" else names[r["winner"]])
         log(f"[{i + 1}/{len(common)}] {name}: {shown}")
-    summary = summarize(results, names)
-    summary["only_in_one_file"] = {names[s]: len(set(captions[s]) - set(captions[1 - s])) for s in (0, 1)}
-    return {"summary": summary, "judge": {"endpoint": client.endpoint, "model": client.model}, "items": results}
+        summary = summarize(results, names)
+        summary["only_in_one_file"] = {names[s]: len(set(captions[s]) - set(captions[1 - s])) for s in (0, 1)}
+        report = {"summary": summary, "judge": {"endpoint": client.endpoint, "model": client.model},
+                  "complete": i + 1 == len(common), "items": results}
+        if out is not None:
+            write_json(out, report)
+    return report
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eval.caption_judge", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = parser("python -m eval.caption_judge", __doc__)
     p.add_argument("captions_a", help="captions of the first system (.jsonl or .json)")
     p.add_argument("captions_b", help="captions of the second system (.jsonl or .json)")
-    p.add_argument("--images", default=None, help="folder of the source images, sent to the judge; none = text only")
+    p.add_argument("--images", default=None, help="folder of the source images, sent to the judge (default: "
+                                                  "none, text only)")
     p.add_argument("--url", required=True, help="chat-completions base URL (e.g. http://host:8000/v1) or full URL")
     p.add_argument("--model", required=True, help="judge model name sent in the request")
     p.add_argument("--out", required=True, help="output JSON: summary and every judgement with its raw answer")
-    p.add_argument("--names", nargs=2, default=None, metavar=("A", "B"), help="system names; default: file stems")
-    p.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds per request")
-    p.add_argument("--retries", type=int, default=3, help="retries per request on connection errors, 408/429/5xx")
-    p.add_argument("--backoff", type=float, default=2.0, help="first retry delay in seconds, doubled each retry")
-    p.add_argument("--max-tokens", type=int, default=1024, help="max tokens of the judge's answer")
-    p.add_argument("--limit", type=int, default=0, help="judge only the first N images (0 = all)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    p.add_argument("--names", nargs=2, default=None, metavar=("A", "B"),
+                   help="system names (default: the caption files' stems)")
+    p.add_argument("--api-key-env", default=None, help="name of the environment variable holding the API key "
+                                                       "(default: no key)")
+    p.add_argument("--timeout", type=positive_float, default=120.0, help="seconds per request")
+    p.add_argument("--retries", type=at_least(0), default=3,
+                   help="retries per request on connection errors, 408/429/5xx")
+    p.add_argument("--backoff", type=at_least(0.0, float), default=2.0,
+                   help="first retry delay in seconds, doubled each retry")
+    p.add_argument("--max-tokens", type=at_least(1), default=1024, help="max tokens of the judge's answer")
+    p.add_argument("--limit", type=at_least(0), default=0, help="judge only the first N images (0 = all)")
     a = p.parse_args(argv)
     names = tuple(a.names) if a.names else (Path(a.captions_a).stem, Path(a.captions_b).stem)
     if names[0] == names[1]:
-        raise SystemExit(f"both systems are called {names[0]!r}: pass --names")
-    client = ChatClient(a.url, a.model, api_key_env=a.api_key_env, timeout=a.timeout, retries=a.retries,
-                        backoff=a.backoff, max_tokens=a.max_tokens)
-    report = run((load_captions(a.captions_a), load_captions(a.captions_b)), names, client, a.images, a.limit)
+        p.error(f"both systems are called {names[0]!r}: pass --names")
+    captions = []
+    for option, path in (("captions_a", a.captions_a), ("captions_b", a.captions_b)):
+        try:
+            captions.append(load_captions(path))
+        except (OSError, ValueError) as e:  # OSError: missing or unreadable; both name the file
+            p.error(f"argument {option}: {e}")
+    try:
+        client = ChatClient(a.url, a.model, api_key_env=a.api_key_env, timeout=a.timeout, retries=a.retries,
+                            backoff=a.backoff, max_tokens=a.max_tokens)
+        select_images((captions[0], captions[1]), names, a.images, a.limit)
+    except ValueError as e:
+        p.error(str(e))
     out = Path(a.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.write_text(json.dumps(report, indent=2))
-    os.replace(tmp, out)
+    refuse_overwrite(p, [out], a.overwrite)
+    report = run((captions[0], captions[1]), names, client, a.images, a.limit, out=out)
     print(json.dumps(report["summary"], indent=2))
     return report
 

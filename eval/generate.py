@@ -6,32 +6,39 @@
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 import torch
 
-from eval.model_args import add_model_args, add_sampling_args, load_model
+from eval.cli import image_format, parser, refuse_overwrite, save_image
+from eval.model_args import add_model_args, add_sampling_args, check_model_args, check_size, load_model
 
 
 def main(argv=None) -> list[Path]:
-    p = argparse.ArgumentParser(prog="python -m eval.generate", description=__doc__.split("\n\n")[0])
+    p = parser("python -m eval.generate", __doc__)
     p.add_argument("prompts", nargs="+", help="text prompts (one image each)")
-    p.add_argument("--out", default="generated.png", help="output PNG; with several prompts, _0, _1, ... are added")
+    p.add_argument("--out", default="generated.png",
+                   help="output image (its suffix picks the format); with several prompts, _0, _1, ... are added")
+    p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     add_sampling_args(p)
     add_model_args(p)
     a = p.parse_args(argv)
-    uae = load_model(a)
+    check_model_args(p, a)
     out = Path(a.out)
-    files = []
-    for i, prompt in enumerate(a.prompts):
+    try:
+        image_format(out)
+    except ValueError as e:
+        p.error(f"argument --out: {e}")
+    files = [out] if len(a.prompts) == 1 else [out.with_name(f"{out.stem}_{i}{out.suffix}")
+                                               for i in range(len(a.prompts))]
+    refuse_overwrite(p, files, a.overwrite)
+    uae = load_model(a)
+    check_size(p, a, uae)
+    for i, (prompt, f) in enumerate(zip(a.prompts, files)):
         image = uae.generate([prompt], a.height, a.width, a.steps, a.guidance_scale,
                              generator=torch.Generator().manual_seed(a.seed + i))[0]
-        f = out if len(a.prompts) == 1 else out.with_name(f"{out.stem}_{i}{out.suffix}")
-        f.parent.mkdir(parents=True, exist_ok=True)
-        image.save(f)
-        files.append(f)
+        save_image(image, f)
         print(f"[{i + 1}/{len(a.prompts)}] wrote {f}", file=sys.stderr, flush=True)
     return files
 

@@ -5,8 +5,12 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
+
+from eval.cli import at_least, device
+from model.handoff import BASE_PARTS
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -27,24 +31,65 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                                                "options above give (the same as the run's)")
     g.add_argument("--no-ema", action="store_true", help="with --run: the trained DiT adapter itself instead of "
                                                          "its EMA (runs of train/grpo_decoder.py keep both)")
-    g.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES))
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", type=device, default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="torch device of the model")
+    g.add_argument("--dtype", default="bf16" if torch.cuda.is_available() else "fp32", choices=sorted(DTYPES),
+                   help="weight dtype")
+    g.add_argument("--seed", type=int, default=0, help="input i is sampled with seed + i (and the tiny model's "
+                                                       "weights are drawn with it)")
+
+
+def check_model_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
+    """The model options' combinations and paths, before anything loads: a one-line usage error naming the option."""
+    parts = [k for k in BASE_PARTS if getattr(a, k)]
+    if a.tiny and parts:
+        p.error(f"--tiny takes no weights, but --{parts[0].replace('_', '-')} is given")
+    if not a.tiny and "uae" not in parts and "lvlm" not in parts:
+        p.error("give --uae RELEASE_FOLDER, or --lvlm and --sd3, or --tiny")
+    if a.no_ema and not a.run:
+        p.error("--no-ema needs --run")
+    for key in (*parts, "run"):
+        path = getattr(a, key)
+        if path and not Path(path).exists():
+            p.error(f"argument --{key.replace('_', '-')}: {path} does not exist")
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
     """Decoder sampling options; None keeps the model's UAESettings (the release: 1024 px, 40 steps, CFG 5)."""
-    g = p.add_argument_group("sampling (default: the model's settings)")
-    g.add_argument("--height", type=int, default=None)
-    g.add_argument("--width", type=int, default=None)
-    g.add_argument("--steps", type=int, default=None)
-    g.add_argument("--guidance-scale", type=float, default=None)
+    g = p.add_argument_group("sampling (default: the model's settings; the release: 1024 px, 40 steps, CFG 5)")
+    g.add_argument("--height", type=at_least(1), default=None,
+                   help="image height in px: a multiple of the model's latent patch (16 px), at most what its DiT's "
+                        "position table holds (SD3.5-large: 3072 px; the tiny model: 512 px)")
+    g.add_argument("--width", type=at_least(1), default=None, help="image width in px, as --height")
+    g.add_argument("--steps", type=at_least(1), default=None, help="sampling steps")
+    g.add_argument("--guidance-scale", type=at_least(1.0, float), default=None,
+                   help="classifier-free guidance scale; 1 = no guidance")
+
+
+def check_size(p: argparse.ArgumentParser, a: argparse.Namespace, uae) -> None:
+    """--height / --width against the loaded model: multiples of the VAE factor x the DiT patch, within the DiT's
+    position table (larger latents have no position embedding)."""
+    factor = uae.vae.config.downsample_factor * uae.dit.config.patch_size
+    limit = uae.dit.config.pos_embed_max_size * factor
+    for option, value in (("--height", a.height), ("--width", a.width)):
+        if value is not None and value % factor:
+            p.error(f"argument {option}: {value} is not a multiple of {factor} (the model's VAE factor "
+                    f"{uae.vae.config.downsample_factor} x DiT patch {uae.dit.config.patch_size})")
+        if value is not None and value > limit:
+            p.error(f"argument {option}: {value} exceeds the model's limit of {limit} px (its DiT position table "
+                    f"holds {uae.dit.config.pos_embed_max_size} patches of {factor} px per side)")
 
 
 def add_prompt_arg(p: argparse.ArgumentParser, default: str) -> None:
-    p.add_argument("--prompt", default=default,
+    p.add_argument("--prompt", default=default, type=_prompt,
                    help="caption prompt: 'bench' (Unified-Bench's: an accurate, comprehensive description a generator "
                         "can redraw the image from), 'demo' (the released demo's), or the prompt text itself")
+
+
+def _prompt(text: str) -> str:
+    if not text.strip():
+        raise argparse.ArgumentTypeError("the caption prompt is empty")
+    return text
 
 
 def caption_prompt(name: str) -> str:
@@ -54,18 +99,13 @@ def caption_prompt(name: str) -> str:
 
 
 def load_model(args):
-    """Build the UAE the options describe, with --run's result on top; a missing or broken part, or a run trained
-    on another base model, exits with the loader's message."""
-    from model.handoff import BASE_PARTS, base_identity, load_handoff, read_handoff
+    """Build the UAE the options describe (checked by `check_model_args`), with --run's result on top; a broken part,
+    or a run trained on another base model, exits with the loader's message."""
+    from model.handoff import base_identity, load_handoff, read_handoff
     from model.uae import UAE
     from weights import CheckpointError
 
     parts = {k: getattr(args, k) for k in BASE_PARTS if k != "uae"}
-    if args.tiny:
-        if args.uae or any(parts.values()):
-            sys.exit("error: --tiny takes no weights")
-    elif not args.uae and not args.lvlm:
-        sys.exit("error: give --uae RELEASE_FOLDER, or --lvlm and --sd3, or --tiny")
     handoff = None
     if args.run:
         try:
@@ -74,8 +114,6 @@ def load_model(args):
                                what="these options")
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             sys.exit(f"error: cannot use --run {args.run}: {e}")
-    elif args.no_ema:
-        sys.exit("error: --no-ema needs --run")
     if args.tiny:
         uae = UAE.tiny(seed=args.seed, dtype=DTYPES[args.dtype], device=args.device)
     else:
@@ -90,16 +128,3 @@ def load_model(args):
         except (FileNotFoundError, CheckpointError, ValueError) as e:
             sys.exit(f"error: cannot load --run {args.run}: {e}")
     return uae
-
-
-def open_image(path: str):
-    from PIL import Image, UnidentifiedImageError
-
-    try:
-        with Image.open(path) as im:
-            im.load()
-            return im.convert("RGB")
-    except FileNotFoundError:
-        sys.exit(f"error: image {path} does not exist")
-    except (UnidentifiedImageError, OSError, ValueError) as e:
-        sys.exit(f"error: cannot decode image {path}: {e}")

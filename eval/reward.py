@@ -54,10 +54,13 @@ class Backbone:
 
 
 def clip_backbone(model, name: str = "clip") -> Backbone:
+    """A CLIP / LongCLIP image tower with its preprocessing at the size its position table was trained for
+    (`cfg.vision.image_size`: 224 for ViT-L/14, 336 for ViT-L/14-336)."""
     from model.clip import clip_preprocess, clip_preprocess_tensor
 
-    return Backbone(name, model, clip_preprocess, model.image_features,
-                    lambda x: clip_preprocess_tensor(x, input_range=(-1, 1)))
+    size = model.cfg.vision.image_size
+    return Backbone(name, model, lambda image: clip_preprocess(image, size), model.image_features,
+                    lambda x: clip_preprocess_tensor(x, input_range=(-1, 1), size=size))
 
 
 def dinov2_backbone(model) -> Backbone:

@@ -21,13 +21,16 @@ from which a generation model can redraw the image, as the paper's protocol does
 demo's prompt instead.
 
 Writes `summary.json`, `scores.csv` (one row per image) and `report.html` (source, reconstruction, caption and
-scores side by side; the images are files in `images/` next to it).
+scores side by side; the images are files in `images/` next to it); `run` also writes `recon/` and `captions.json`
+(eval.caption's layout), both as it goes, image by image. An image that cannot be read, converted or captioned is
+skipped and listed with the reason in summary.json's `skipped` (and in captions.json); files in --source whose suffix
+is not an image's are listed in `ignored`. Existing outputs are only replaced with --overwrite.
 """
 from __future__ import annotations
 
-import argparse
 import csv
 import html
+import io
 import json
 import sys
 from dataclasses import dataclass, field
@@ -36,12 +39,20 @@ from pathlib import Path
 import torch
 from PIL import Image
 
-from eval.model_args import add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, load_model
+from eval.cli import (HelpFormatter, at_least, device, output_names, parser, refuse_overwrite, save_image, skip,
+                      write_json, write_text)
+from eval.model_args import (add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, check_model_args,
+                             check_size, load_model)
 from eval.reward import Backbone
+from model.image_io import load_rgb
 
 BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RECON_PREFIX = "recon_"
+
+
+class NoPairsError(ValueError):
+    """Not one pair of images could be read."""
 
 
 @dataclass
@@ -58,6 +69,12 @@ def _images(folder: Path) -> list[Path]:
     if not files:
         raise ValueError(f"{folder} holds no images ({', '.join(IMAGE_SUFFIXES)})")
     return files
+
+
+def _ignored(folder: Path) -> list[str]:
+    """Files in `folder` that are not taken as images (by suffix), so that leaving them out is never silent."""
+    return sorted(p.name for p in folder.iterdir()
+                  if p.is_file() and not p.name.startswith(".") and p.suffix.lower() not in IMAGE_SUFFIXES)
 
 
 def pair_folders(source_dir: str | Path, recon_dir: str | Path) -> Pairing:
@@ -81,59 +98,58 @@ def pair_folders(source_dir: str | Path, recon_dir: str | Path) -> Pairing:
     return Pairing(pairs, unpaired, [p.name for p in recons if p not in used])
 
 
-def _open(path: Path) -> Image.Image:
-    """Decode fully now (so a broken file fails here, not inside a backbone); the mode is kept so each
-    backbone's preprocessing converts it as its reference processor does (e.g. alpha blended on white)."""
-    with Image.open(path) as im:
-        im.load()
-        return im.copy()
-
-
 def load_backbones(paths: dict[str, str | None], device: str = "cpu", dtype=torch.float32) -> dict[str, Backbone]:
-    """Build the backbones whose weights are given; mismatched checkpoint types fail with the loader's message."""
-    from eval.reward import clip_backbone, dinov2_backbone, dinov3_backbone
-
+    """Build the backbones whose weights are given; a missing or mismatched checkpoint is a ValueError naming the
+    option and the loader's message."""
     out: dict[str, Backbone] = {}
     for name, path in paths.items():
         if not path:
             continue
-        if name == "clip":
-            from model.clip import CLIP
-
-            out[name] = clip_backbone(CLIP.from_pretrained(path, dtype=dtype, device=device), "clip")
-        elif name == "longclip":
-            from model.clip import CLIP
-
-            out[name] = clip_backbone(CLIP.from_longclip(path, dtype=dtype, device=device), "longclip")
-        elif name == "dinov2":
-            from model.dino import DINOv2
-
-            out[name] = dinov2_backbone(DINOv2.from_pretrained(path, dtype=dtype, device=device))
-        elif name == "dinov3":
-            from model.dino import DINOv3
-
-            out[name] = dinov3_backbone(DINOv3.from_pretrained(path, dtype=dtype, device=device))
-        else:
-            raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+        try:
+            out[name] = _load_backbone(name, path, device, dtype)
+        except (FileNotFoundError, ValueError) as e:  # CheckpointError is a ValueError
+            raise ValueError(f"cannot load --{name} {path}: {e}") from None
     return out
 
 
+def _load_backbone(name: str, path: str, device: str, dtype) -> Backbone:
+    from eval.reward import clip_backbone, dinov2_backbone, dinov3_backbone
+
+    if name == "clip":
+        from model.clip import CLIP
+
+        return clip_backbone(CLIP.from_pretrained(path, dtype=dtype, device=device), "clip")
+    if name == "longclip":
+        from model.clip import CLIP
+
+        return clip_backbone(CLIP.from_longclip(path, dtype=dtype, device=device), "longclip")
+    if name == "dinov2":
+        from model.dino import DINOv2
+
+        return dinov2_backbone(DINOv2.from_pretrained(path, dtype=dtype, device=device))
+    if name == "dinov3":
+        from model.dino import DINOv3
+
+        return dinov3_backbone(DINOv3.from_pretrained(path, dtype=dtype, device=device))
+    raise ValueError(f"unknown backbone {name!r}; expected one of {BACKBONES}")
+
+
 def score_pairs(pairing: Pairing, backbones: dict[str, Backbone], out_dir: str | Path,
-                captions: dict[str, str] | None = None, batch_size: int = 16) -> dict:
-    """Score every pair with every backbone; write summary.json, scores.csv, report.html and images/."""
+                captions: dict[str, str] | None = None, batch_size: int = 16,
+                skipped: list[dict] | None = None, ignored: list[str] | None = None) -> dict:
+    """Score every pair with every backbone; write summary.json, scores.csv, report.html and images/. A pair whose
+    images cannot be read or converted to RGB (model/image_io.py, the conversion every backbone's preprocessing makes)
+    is skipped and added to `skipped` (entries {"image", "reason"}; earlier ones, e.g. from captioning, are kept)."""
     out_dir = Path(out_dir)
-    (out_dir / "images").mkdir(parents=True, exist_ok=True)
-    rows, unreadable = [], []
-    kept = []
+    rows, skipped, kept = [], list(skipped or []), []
     for name, s, r in pairing.pairs:
         try:
-            kept.append((name, _open(s), _open(r)))
+            kept.append((name, load_rgb(s), load_rgb(r)))
         except (OSError, ValueError) as e:
-            unreadable.append(f"{name}: {e}")
-            print(f"warning: skipping pair {name}: {e}", file=sys.stderr)
+            skip(skipped, name, e)
     if not kept:
-        raise ValueError("no readable image pairs to score"
-                         + (f" (unpaired sources: {pairing.unpaired_sources[:5]})" if pairing.unpaired_sources else ""))
+        unpaired = f" (unpaired sources: {pairing.unpaired_sources[:5]})" if pairing.unpaired_sources else ""
+        raise NoPairsError(f"no readable image pairs to score{unpaired}")
     scores: dict[str, torch.Tensor] = {}
     for bname, backbone in backbones.items():
         a = backbone.embed_pil([x[1] for x in kept], batch_size)
@@ -141,8 +157,8 @@ def score_pairs(pairing: Pairing, backbones: dict[str, Backbone], out_dir: str |
         scores[bname] = (a * b).sum(-1).cpu() * 100
     for i, (name, src, rec) in enumerate(kept):
         src_file, rec_file = f"images/{name}_source.png", f"images/{name}_recon.png"
-        _thumbnail(src).save(out_dir / src_file)
-        _thumbnail(rec).save(out_dir / rec_file)
+        save_image(_thumbnail(src), out_dir / src_file)
+        save_image(_thumbnail(rec), out_dir / rec_file)
         row = {"name": name, "source": src_file, "recon": rec_file,
                **{b: round(float(scores[b][i]), 4) if b in scores else None for b in BACKBONES}}
         present = [row[b] for b in BACKBONES if row[b] is not None]
@@ -156,13 +172,14 @@ def score_pairs(pairing: Pairing, backbones: dict[str, Backbone], out_dir: str |
         "overall": round(sum(means.values()) / len(BACKBONES), 4) if not missing else None,
         "overall_partial": round(sum(means.values()) / len(means), 4) if means else None,
         "unpaired_sources": pairing.unpaired_sources, "unpaired_recons": pairing.unpaired_recons,
-        "unreadable": unreadable,
+        "skipped": skipped, "ignored": list(ignored or []),
     }
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    with open(out_dir / "scores.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=["name", *BACKBONES, "overall", "source", "recon", "caption"])
-        w.writeheader()
-        w.writerows(rows)
+    write_json(out_dir / "summary.json", summary)
+    table = io.StringIO(newline="")
+    w = csv.DictWriter(table, fieldnames=["name", *BACKBONES, "overall", "source", "recon", "caption"])
+    w.writeheader()
+    w.writerows(rows)
+    write_text(out_dir / "scores.csv", table.getvalue())
     _write_html(out_dir / "report.html", summary, rows)
     return summary
 
@@ -190,9 +207,10 @@ def _write_html(path: Path, summary: dict, rows: list[dict]) -> None:
         body.append(f"<tr><td>{html.escape(r['name'])}</td><td><img src='{html.escape(r['source'])}'></td>"
                     f"<td><img src='{html.escape(r['recon'])}'></td><td class='cap'>{html.escape(r['caption'])}</td>"
                     f"{cells}<td>{_fmt(r['overall'])}</td></tr>")
-    problems = "".join(f"<li>{html.escape(k)}: {html.escape(', '.join(map(str, summary[k])))}</li>"
-                       for k in ("unpaired_sources", "unpaired_recons", "unreadable") if summary[k])
-    path.write_text(f"""<!doctype html><html><head><meta charset="utf-8"><title>Unified-Bench</title>
+    listed = {k: summary[k] for k in ("unpaired_sources", "unpaired_recons", "ignored")}
+    listed["skipped"] = [f"{s['image']} ({s['reason']})" for s in summary["skipped"]]
+    problems = "".join(f"<li>{html.escape(k)}: {html.escape(', '.join(v))}</li>" for k, v in listed.items() if v)
+    write_text(path, f"""<!doctype html><html><head><meta charset="utf-8"><title>Unified-Bench</title>
 <style>body{{font-family:sans-serif}} img{{max-width:256px}} td{{vertical-align:top;padding:4px}}
 .cap{{max-width:420px;font-size:12px}} table{{border-collapse:collapse}} tr{{border-bottom:1px solid #ccc}}</style>
 </head><body><h1>Unified-Bench</h1><p>{summary['n_pairs']} pairs. Overall: {html.escape(overall)}</p>
@@ -203,67 +221,95 @@ def _write_html(path: Path, summary: dict, rows: list[dict]) -> None:
 
 def run_loop(uae, source_dir: str | Path, out_dir: str | Path, backbones: dict[str, Backbone], prompt: str,
              height: int | None, width: int | None, steps: int | None, guidance_scale: float | None,
-             seed: int) -> dict:
+             seed: int, batch_size: int = 16) -> dict:
     """Caption every source image with `prompt`, regenerate it from the caption (None: the model's settings), and
-    score. Image i's caption and reconstruction draw from one generator seeded seed + i."""
-    out_dir = Path(out_dir)
-    recon_dir = out_dir / "recon"
-    recon_dir.mkdir(parents=True, exist_ok=True)
-    files = _images(Path(source_dir))
-    captions: dict[str, str] = {}
-    unreadable = []
-    for i, f in enumerate(files):
-        try:
-            img = _open(f)
-        except (OSError, ValueError) as e:
-            unreadable.append(f"{f.name}: {e}")
-            print(f"warning: skipping {f.name}: {e}", file=sys.stderr)
-            continue
+    score. Image i's caption and reconstruction draw from one generator seeded seed + i. recon/ and captions.json
+    grow image by image; images that share a stem get distinct names (eval.cli.output_names)."""
+    out_dir, source_dir = Path(out_dir), Path(source_dir)
+    files = _images(source_dir)
+    record: dict = {"captions": {}, "skipped": []}
+    pairs = []
+    for i, (f, name) in enumerate(zip(files, output_names(files))):
         gen = torch.Generator().manual_seed(seed + i)
-        caption = uae.caption([img], prompt=prompt, generator=gen)[0]
-        recon = uae.generate([caption], height=height, width=width, steps=steps, guidance_scale=guidance_scale,
-                             generator=gen)[0]
-        recon.save(recon_dir / f"{RECON_PREFIX}{f.stem}.png")
-        captions[f.stem] = caption
-        print(f"[{i + 1}/{len(files)}] {f.name}: {len(caption.split())} words", flush=True)
-    (out_dir / "captions.json").write_text(json.dumps(captions, indent=2))
-    summary = score_pairs(pair_folders(source_dir, recon_dir), backbones, out_dir, captions)
-    summary["unreadable"] = unreadable + summary["unreadable"]
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    return summary
+        try:
+            # The processor's ValueErrors name what it cannot take (aspect ratio over 200, an empty image).
+            caption = uae.caption([load_rgb(f)], prompt=prompt, generator=gen)[0]
+        except (OSError, ValueError) as e:
+            skip(record["skipped"], f.name, e)
+        else:
+            recon = uae.generate([caption], height=height, width=width, steps=steps, guidance_scale=guidance_scale,
+                                 generator=gen)[0]
+            save_image(recon, out_dir / "recon" / f"{RECON_PREFIX}{name}.png")
+            record["captions"][name] = caption
+            pairs.append((name, f, out_dir / "recon" / f"{RECON_PREFIX}{name}.png"))
+            print(f"[{i + 1}/{len(files)}] {f.name}: {len(caption.split())} words", flush=True)
+        write_json(out_dir / "captions.json", record)
+    return score_pairs(Pairing(pairs), backbones, out_dir, record["captions"], batch_size, skipped=record["skipped"],
+                       ignored=_ignored(source_dir))
 
 
 def main(argv: list[str] | None = None) -> dict:
-    p = argparse.ArgumentParser(prog="python -m eval.unified_bench", description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = parser("python -m eval.unified_bench", __doc__)
     sub = p.add_subparsers(dest="command", required=True)
     for name, help_text in (("score", "score two folders of images paired by file name"),
                             ("run", "caption -> regenerate -> score with our UAE model")):
-        s = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        s = sub.add_parser(name, help=help_text, description=help_text, formatter_class=HelpFormatter)
         s.add_argument("--source", required=True, help="folder of source images")
         s.add_argument("--out", required=True, help="output folder (summary.json, scores.csv, report.html)")
+        s.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --out")
         for b in BACKBONES:
             s.add_argument(f"--{b}", default=None, help=f"{b} weights (missing backbones are reported as missing)")
-        s.add_argument("--batch-size", type=int, default=16)
+        s.add_argument("--batch-size", type=at_least(1), default=16, help="images per backbone forward")
         if name == "score":
             s.add_argument("--recon", required=True, help="folder of reconstructions (same names or recon_ prefix)")
-            s.add_argument("--device", default="cpu")
+            s.add_argument("--device", type=device, default="cpu", help="torch device of the backbones")
         else:
             add_prompt_arg(s, "bench")
             add_sampling_args(s)
             add_model_args(s)
     a = p.parse_args(argv)
-    uae = load_model(a) if a.command == "run" else None  # first: bad model options fail before any backbone loads
-    backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
+    if a.command == "run":
+        check_model_args(p, a)
+    for b in BACKBONES:
+        if getattr(a, b) and not Path(getattr(a, b)).exists():
+            p.error(f"argument --{b}: {getattr(a, b)} does not exist")
+    out = Path(a.out)
+    if out.exists() and not out.is_dir():
+        p.error(f"argument --out: {out} is not a folder")
+    for option in ("source", "recon") if a.command == "score" else ("source",):
+        try:
+            _images(Path(getattr(a, option)))
+        except (FileNotFoundError, ValueError) as e:
+            p.error(f"argument --{option}: {e}")
+    outputs = [out / n for n in ("summary.json", "scores.csv", "report.html")]
+    if a.command == "run":
+        try:
+            names = output_names(_images(Path(a.source)))
+        except ValueError as e:
+            p.error(f"argument --source: {e}")
+        outputs += [out / "captions.json"] + [out / "recon" / f"{RECON_PREFIX}{n}.png" for n in names]
+    refuse_overwrite(p, outputs, a.overwrite)
+    uae = None
+    if a.command == "run":  # first: bad model options fail before any backbone loads
+        uae = load_model(a)
+        check_size(p, a, uae)
+    try:
+        backbones = load_backbones({b: getattr(a, b) for b in BACKBONES}, a.device)
+    except ValueError as e:
+        sys.exit(f"error: {e}")
     if not backbones:
         print("warning: no backbone weights given; every backbone will be reported as missing", file=sys.stderr)
-    if a.command == "score":
-        summary = score_pairs(pair_folders(a.source, a.recon), backbones, a.out, batch_size=a.batch_size)
-    else:
-        summary = run_loop(uae, a.source, a.out, backbones, caption_prompt(a.prompt), a.height, a.width, a.steps,
-                           a.guidance_scale, a.seed)
+    try:
+        if a.command == "score":
+            summary = score_pairs(pair_folders(a.source, a.recon), backbones, a.out, batch_size=a.batch_size,
+                                  ignored=_ignored(Path(a.source)))
+        else:
+            summary = run_loop(uae, a.source, a.out, backbones, caption_prompt(a.prompt), a.height, a.width, a.steps,
+                               a.guidance_scale, a.seed, a.batch_size)
+    except NoPairsError as e:  # every image was skipped, each named on stderr
+        sys.exit(f"error: {e}")
     print(json.dumps({k: summary[k] for k in ("n_pairs", "backbones", "missing_backbones", "overall",
-                                              "overall_partial")}, indent=2))
+                                              "overall_partial", "skipped")}, indent=2))
     return summary
 
 

@@ -11,7 +11,6 @@ with weights_only=True) or a safetensors conversion of it with the same key name
 """
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -20,16 +19,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch import nn
 
+from model.image_io import load_rgb
 from model.layers import attention
-from weights import CheckpointError, load_module, load_state_dict, rename_keys
+from weights import CheckpointError, load_module, load_state_dict, read_json, rename_keys
 
 __all__ = [
     "CLIPVisionConfig", "CLIPTextConfig", "CLIPConfig", "CLIP", "CLIPTextEncoder", "CLIPTokenizer", "KEY_TABLE",
     "OPENAI_KEY_TABLE",
-    "openai_to_clip_state_dict", "clip_preprocess", "clip_preprocess_tensor", "load_rgb",
+    "openai_to_clip_state_dict", "clip_preprocess", "clip_preprocess_tensor",
     "OPENAI_CLIP_MEAN", "OPENAI_CLIP_STD",
 ]
 
@@ -352,7 +352,7 @@ class CLIP(nn.Module):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face CLIPModel folder)")
-        cfg = CLIPConfig.from_hf(json.loads(config_file.read_text()))
+        cfg = CLIPConfig.from_hf(read_json(config_file))
         with torch.device("meta"):
             model = cls(cfg)
         load_module(model, path, table=KEY_TABLE, dtype=dtype, device=device)
@@ -403,7 +403,7 @@ class CLIPTextEncoder(nn.Module):
         config_file = path / "config.json"
         if not config_file.is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected a CLIPTextModelWithProjection folder)")
-        cfg = json.loads(config_file.read_text())
+        cfg = read_json(config_file)
         if cfg.get("model_type", "clip_text_model") != "clip_text_model":
             raise ValueError(f"{config_file}: model_type {cfg.get('model_type')!r}, expected 'clip_text_model'")
         with torch.device("meta"):
@@ -496,7 +496,7 @@ class CLIPTokenizer:
         pad = None
         config = file.parent / "tokenizer_config.json"
         if config.is_file():
-            pad = json.loads(config.read_text()).get("pad_token")
+            pad = read_json(config).get("pad_token")
             pad = pad.get("content") if isinstance(pad, dict) else pad
         return cls(Tokenizer.from_file(str(file)), max_length=max_length, pad_token=pad)
 
@@ -516,24 +516,6 @@ class CLIPTokenizer:
 
 
 # --------------------------------------------------------------------------------------------------- preprocessing
-
-def load_rgb(image: Image.Image | str | os.PathLike) -> Image.Image:
-    """A PIL image (or a path to one) as RGB, compositing transparency onto white as transformers' `convert_to_rgb`
-    does (modes with an alpha band, and palette/grey images carrying a `transparency` entry)."""
-    if isinstance(image, (str, os.PathLike)):
-        try:
-            with Image.open(image) as im:
-                im.load()
-                image = im.copy()
-        except (OSError, UnidentifiedImageError) as e:
-            raise ValueError(f"cannot read image {os.fspath(image)!r}: {e}") from e
-    if not isinstance(image, Image.Image):
-        raise TypeError(f"expected a PIL image or a path, got {type(image).__name__}")
-    if "A" in image.getbands() or image.info.get("transparency") is not None:
-        rgba = image.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-    return image.convert("RGB")
-
 
 def resize_shortest_edge(image: Image.Image, size: int, resample=Image.Resampling.BICUBIC) -> Image.Image:
     """Shortest side -> size, the other side int(size * long / short) (truncated), as transformers'

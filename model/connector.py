@@ -135,4 +135,4 @@ def load_pooled(file: str | os.PathLike, dim: int = 2048, key: str = POOLED_KEY)
     shape = ckpt.shape(key)
     if shape not in ((dim,), (1, dim)):
         raise CheckpointError(f"{file}: {key!r} has shape {list(shape)}, expected [{dim}] or [1, {dim}]")
-    return ckpt[key].reshape(dim)
+    return ckpt[key].reshape(dim).clone()  # owned, not mapped to the file (see weights.py)

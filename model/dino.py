@@ -9,7 +9,6 @@ reproduced.
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping
@@ -22,9 +21,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from model.clip import center_crop, load_rgb, normalize, resize_shortest_edge
+from model.clip import center_crop, normalize, resize_shortest_edge
+from model.image_io import load_rgb
 from model.layers import attention
-from weights import load_module
+from weights import load_module, read_json
 
 __all__ = ["DINOv2Config", "DINOv2", "DINOv3Config", "DINOv3", "DINOV2_KEY_TABLE", "DINOV3_KEY_TABLE",
            "dinov2_preprocess", "dinov3_preprocess", "IMAGENET_MEAN", "IMAGENET_STD"]
@@ -126,7 +126,7 @@ def _read_config(path: Path) -> dict:
     config_file = path / "config.json"
     if not config_file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a Hugging Face model folder)")
-    return json.loads(config_file.read_text())
+    return read_json(config_file)
 
 
 # ----------------------------------------------------------------------------------------------------------- model

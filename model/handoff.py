@@ -34,7 +34,7 @@ from pathlib import Path
 
 import torch
 
-from weights import CheckpointError, load_module, open_checkpoint, save_safetensors
+from weights import CheckpointError, load_module, open_checkpoint, read_json, save_safetensors
 
 FOLDER = "model"
 MANIFEST = "handoff.json"
@@ -110,16 +110,56 @@ class Handoff:
         return self.folder / (self.lvlm_adapters if component == "lvlm" else self.dit_adapters)[-1]
 
 
+# A run folder holds step_XXXXXXXX/ checkpoints; a checkpoint counts only once its COMPLETE marker is written (the
+# last file of a save, train/common.save_checkpoint), which lists every file with its size in bytes, so a checkpoint
+# truncated or partly overwritten since is told apart from a good one without reading the weights.
+COMPLETE = "COMPLETE"
+
+
+def write_complete_marker(folder: Path, step: int) -> None:
+    files = {str(f.relative_to(folder)): f.stat().st_size for f in sorted(folder.rglob("*")) if f.is_file()}
+    (folder / COMPLETE).write_text(json.dumps({"step": step, "files": files}, indent=1))
+
+
+def checkpoint_problem(folder: Path) -> str | None:
+    """Why `folder` is not a complete checkpoint, or None when it is."""
+    marker = folder / COMPLETE
+    if not marker.is_file():
+        return f"{folder}: no {COMPLETE} marker (a save that did not finish)"
+    try:
+        files = json.loads(marker.read_text())["files"]
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError):
+        files = {}  # written before the marker listed the files: only its presence is known
+    for name, size in files.items():
+        f = folder / name
+        if not f.is_file():
+            return f"{f}: missing (the save recorded {size} bytes)"
+        if f.stat().st_size != size:
+            return f"{f}: {f.stat().st_size} bytes, the save wrote {size} (truncated or replaced since)"
+    return None
+
+
+def run_checkpoints(run: Path) -> list[tuple[Path, str | None]]:
+    """The checkpoints of a run folder, newest step first, each with `checkpoint_problem` (None: complete)."""
+    steps = sorted((p for p in Path(run).glob("step_*") if p.is_dir() and p.name[5:].isdigit()),
+                   key=lambda p: int(p.name[5:]), reverse=True)
+    return [(p, checkpoint_problem(p)) for p in steps]
+
+
 def find_handoff(path: str | os.PathLike) -> Path:
-    """The `model/` folder of a run folder (its latest checkpoint), of a checkpoint folder, or the folder itself."""
+    """The `model/` folder of a run folder (its newest complete checkpoint), of a checkpoint folder, or the folder
+    itself."""
     p = Path(path)
     if not p.exists():
         raise FileNotFoundError(f"{p} does not exist (expected a run folder, a checkpoint folder or its model/)")
-    if (p / "latest").is_file():
-        step = p / (p / "latest").read_text().strip()
-        if not (step / "COMPLETE").exists():
-            raise CheckpointError(f"{p / 'latest'} names {step}, which is not a complete checkpoint")
-        p = step
+    found = run_checkpoints(p)
+    if found:
+        complete = [c for c, problem in found if problem is None]
+        if not complete:
+            raise CheckpointError(f"{p}: no complete checkpoint ({'; '.join(problem for _, problem in found)})")
+        p = complete[0]
+    elif (p / COMPLETE).exists() and checkpoint_problem(p) is not None:
+        raise CheckpointError(checkpoint_problem(p))
     for cand in (p, p / FOLDER):
         if (cand / MANIFEST).is_file():
             return cand
@@ -130,9 +170,9 @@ def find_handoff(path: str | os.PathLike) -> Path:
 def read_handoff(path: str | os.PathLike) -> Handoff:
     folder = find_handoff(path)
     try:
-        raw = json.loads((folder / MANIFEST).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{folder / MANIFEST}: unreadable manifest: {e}") from None
+        raw = read_json(folder / MANIFEST)
+    except (OSError, CheckpointError) as e:  # both name the file
+        raise CheckpointError(f"unreadable manifest: {e}") from None
     if raw.pop("format", None) != FORMAT:
         raise CheckpointError(f"{folder / MANIFEST}: not a {FORMAT} manifest")
     try:

@@ -52,7 +52,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from weights import CheckpointError, open_checkpoint, save_safetensors
+from weights import CheckpointError, open_checkpoint, read_json, save_safetensors
 
 __all__ = [
     "LoRALinear", "apply_lora", "lora_layers", "set_lora_enabled", "lora_disabled", "merge_lora", "unmerge_lora",
@@ -506,9 +506,9 @@ def _strip_prefix(keys: Sequence[str], prefix: str | None, where: Path) -> dict[
 def _read_config(config_file: Path | None, metadata: dict[str, str], prefix: str | None, where: Path) -> dict | None:
     if config_file is not None:
         try:
-            return json.loads(config_file.read_text())
-        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CheckpointError(f"{config_file}: unreadable adapter config: {e}") from None
+            return read_json(config_file)
+        except (OSError, CheckpointError) as e:  # both name the file
+            raise CheckpointError(f"unreadable adapter config: {e}") from None
     raw = metadata.get(DIFFUSERS_METADATA_KEY)
     if raw is None:
         return None

@@ -15,7 +15,6 @@ diffusers', so a `transformer/` folder loads through an identity table and PEFT 
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -29,7 +28,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from model.layers import RMSNorm, attention
-from weights import CheckpointError, load_module, open_checkpoint
+from weights import CheckpointError, load_module, open_checkpoint, read_json
 
 __all__ = ["MMDiTConfig", "MMDiT", "JointBlock", "StabilityCheckpoint", "KEY_TABLE", "STABILITY_KEY_TABLE",
            "timestep_embedding"]
@@ -89,9 +88,9 @@ class MMDiTConfig:
             if path.is_dir():
                 path = path / "config.json"
             try:
-                raw = json.loads(path.read_text())
-            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise ValueError(f"{path}: cannot read an MMDiT config: {e}") from None
+                raw = read_json(path)
+            except (OSError, CheckpointError) as e:  # both name the file
+                raise CheckpointError(f"cannot read an MMDiT config: {e}") from None
         known = {f.name for f in fields(cls)}
         unknown = sorted(k for k in raw if k not in known and not k.startswith("_"))
         if unknown:

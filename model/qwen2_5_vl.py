@@ -18,7 +18,6 @@ transformers 5.24 still saves, or the in-memory `model.visual.*`/`model.language
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -33,7 +32,7 @@ from torch.utils.checkpoint import checkpoint
 from kernels.logprob import token_logprobs as fused_token_logprobs
 from kernels.logprob import token_logprobs_reference
 from model.layers import RMSNorm, attention
-from weights import Checkpoint, load_module
+from weights import Checkpoint, load_module, read_json
 
 __all__ = [
     "VisionConfig", "TextConfig", "Qwen25VLConfig", "Qwen25VL", "KVCache", "GenerationOutput", "KEY_TABLE",
@@ -167,7 +166,7 @@ class Qwen25VLConfig:
             path = path / "config.json" if path.is_dir() else path
             if not path.is_file():
                 raise FileNotFoundError(f"{path}: no such config.json")
-            d, where = json.loads(path.read_text()), str(path)
+            d, where = read_json(path), str(path)
         if d.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
             raise ValueError(f"{where}: model_type {d.get('model_type')!r}, expected 'qwen2_5_vl'")
 

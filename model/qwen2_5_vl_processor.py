@@ -13,7 +13,6 @@ A folder is read the way the official release and transformers 5 `save_pretraine
 """
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -22,9 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_tokenizers
 from tokenizers.models import BPE
+
+from model.image_io import load_rgb
+from weights import read_json
 
 __all__ = ["Qwen25VLImageConfig", "Qwen25VLProcessor", "smart_resize", "qwen_tokenizer", "QWEN_SPECIAL_TOKENS"]
 
@@ -118,26 +120,17 @@ def smart_resize(height: int, width: int, factor: int = 28, min_pixels: int = 56
 
 
 def _load_rgb(image, index: int) -> Image.Image:
-    """An RGB PIL image, converted as transformers does: a file path is opened, EXIF-transposed and `convert("RGB")`ed
-    (image_utils.load_image, alpha dropped); an in-memory image with an alpha band or a transparency key is composited
-    onto white (image_transforms.convert_to_rgb)."""
+    """An RGB PIL image, converted as transformers does: a file path is opened, EXIF-transposed and its alpha dropped
+    (image_utils.load_image); an in-memory image's transparency is composited onto white
+    (image_transforms.convert_to_rgb). Unlike transformers, 16-bit and float images are scaled to 8 bits, not
+    clipped (model/image_io.py)."""
+    is_path = isinstance(image, (str, os.PathLike))
+    if not is_path and not isinstance(image, Image.Image):
+        raise TypeError(f"images[{index}]: expected a PIL image or a file path, got {type(image).__name__}")
     try:
-        if isinstance(image, (str, os.PathLike)):
-            if not os.path.isfile(image):
-                raise ValueError(f"images[{index}]: no such file {os.fspath(image)!r}")
-            with Image.open(image) as f:
-                rgb = ImageOps.exif_transpose(f).convert("RGB")
-        elif isinstance(image, Image.Image):
-            if "A" in image.getbands() or image.info.get("transparency") is not None:
-                rgba = image.convert("RGBA")
-                white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-                rgb = Image.alpha_composite(white, rgba).convert("RGB")
-            else:
-                rgb = image.convert("RGB")
-        else:
-            raise TypeError(f"images[{index}]: expected a PIL image or a file path, got {type(image).__name__}")
-    except (OSError, SyntaxError, Image.DecompressionBombError) as e:
-        raise ValueError(f"images[{index}]: cannot read image ({type(e).__name__}: {e})") from None
+        rgb = load_rgb(image, alpha="drop" if is_path else "white")
+    except (FileNotFoundError, ValueError) as e:
+        raise ValueError(f"images[{index}]: {e}") from None
     if rgb.width == 0 or rgb.height == 0:
         raise ValueError(f"images[{index}]: empty image of size {rgb.width}x{rgb.height}")
     return rgb
@@ -196,15 +189,15 @@ class Qwen25VLProcessor:
         tokenizer = Tokenizer.from_file(str(path / "tokenizer.json"))
         pad_token = "<|endoftext|>"
         if (path / "tokenizer_config.json").is_file():
-            pad = _read_json(path / "tokenizer_config.json").get("pad_token")
+            pad = read_json(path / "tokenizer_config.json").get("pad_token")
             if pad is not None:
                 pad_token = pad["content"] if isinstance(pad, dict) else pad
         image_config = Qwen25VLImageConfig()
         if (path / "preprocessor_config.json").is_file():
-            image_config = Qwen25VLImageConfig.from_dict(_read_json(path / "preprocessor_config.json"))
+            image_config = Qwen25VLImageConfig.from_dict(read_json(path / "preprocessor_config.json"))
         elif (path / "processor_config.json").is_file():
             image_config = Qwen25VLImageConfig.from_dict(
-                _read_json(path / "processor_config.json").get("image_processor", {}))
+                read_json(path / "processor_config.json").get("image_processor", {}))
         return cls(tokenizer, image_config, pad_token)
 
     @classmethod
@@ -359,13 +352,3 @@ class Qwen25VLProcessor:
         mm_token_type_ids = input_ids.eq(self.image_token_id).long()
         return {"input_ids": input_ids, "attention_mask": attention_mask, "mm_token_type_ids": mm_token_type_ids,
                 **out}
-
-
-def _read_json(file: Path) -> dict:
-    try:
-        data = json.loads(file.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{file}: not valid JSON ({e})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"{file}: expected a JSON object, got {type(data).__name__}")
-    return data

@@ -17,7 +17,6 @@ own adapter on top of them and its reference policy (its adapter off) is the rel
 """
 from __future__ import annotations
 
-import json
 import os
 import re
 from dataclasses import dataclass
@@ -25,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from weights import CheckpointError, open_checkpoint
+from weights import CheckpointError, open_checkpoint, read_json
 
 RELEASE_PARTS = ("llm_model", "llm_lora", "dit", "dit_lora", "SD3")
 RELEASE_LLM_LORA_ALPHA = 64.0  # not stored by the release; its inference code applies LoraConfig(r=32, lora_alpha=64)
@@ -120,7 +119,7 @@ def load(cls, parts: UAEParts, dtype: torch.dtype, device, settings=None):
     model = cls(lvlm, processor, connector, dit, vae, settings)
     scheduler = parts.sd3 / "scheduler" / "scheduler_config.json" if parts.sd3 is not None else None
     if settings is None and scheduler is not None and scheduler.exists():
-        model.settings.shift = float(json.loads(scheduler.read_text()).get("shift", 3.0))
+        model.settings.shift = float(read_json(scheduler).get("shift", 3.0))
     return model.eval()
 
 

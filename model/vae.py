@@ -10,7 +10,6 @@ scale` (SD3 pipeline: `(latents - shift_factor) * scaling_factor`, and back `lat
 """
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -20,7 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from model.layers import attention
-from weights import load_module
+from weights import load_module, read_json
 
 __all__ = ["VAEConfig", "VAE", "VAE_KEY_TABLE", "VAE_PRESETS"]
 
@@ -242,7 +241,7 @@ class VAE(nn.Module):
             path = path / "vae"
         if not (path / "config.json").is_file():
             raise FileNotFoundError(f"{path}: no config.json (expected a diffusers vae/ folder or its parent)")
-        cfg = VAEConfig.from_json(json.loads((path / "config.json").read_text()))
+        cfg = VAEConfig.from_json(read_json(path / "config.json"))
         with torch.device("meta"):
             model = cls(cfg)
         load_module(model, path, table=VAE_KEY_TABLE, dtype=dtype, device=device)

@@ -8,8 +8,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 from PIL import Image
 
+import eval.caption_judge as cj
 from eval.caption_judge import (CRITERIA, ChatClient, JudgeParseError, build_messages, image_data_url, judge_pair,
                                 load_captions, find_images, main, parse_judgement, summarize)
+from tests.cli_helpers import usage_error
 
 GOOD_SCORES = {"comprehensiveness": 9, "fluency": 8, "insight": 7}
 BAD_SCORES = {"comprehensiveness": 4, "fluency": 5, "insight": 6}
@@ -290,7 +292,71 @@ def test_cli_end_to_end(judge_server, tmp_path, capsys):
     assert '"n_valid": 2' in capsys.readouterr().out
 
 
-def test_caption_files_and_images_bad_input(tmp_path):
+def test_cli_end_to_end_writes_as_it_goes_and_reads_eval_caption_output(judge_server, tmp_path, monkeypatch, capsys):
+    """--out once appeared only at the very end: a crash at image 2 of 3 lost every judgement. It is rewritten after
+    each image ("complete" false until the last) and never replaces an earlier report without --overwrite."""
+    fake, url = judge_server
+    ours = tmp_path / "ours.json"  # what eval.caption --out writes
+    ours.write_text(json.dumps({"captions": {"x/cat.png": "a GOOD cat", "x/dog.png": "a dog", "x/sky.png": "sky"},
+                                "skipped": [{"image": "x/strip.png", "reason": "aspect ratio"}]}))
+    base = tmp_path / "base.json"
+    base.write_text(json.dumps({"cat": "a cat", "dog": "a GOOD dog", "sky": "a sky", "strip": "a strip"}))
+    assert load_captions(ours) == {"cat": "a GOOD cat", "dog": "a dog", "sky": "sky"}
+    out = tmp_path / "judge.json"
+    args = [str(ours), str(base), "--url", url, "--model", "fake-judge", "--out", str(out), "--backoff", "0"]
+    real = cj.judge_pair
+
+    def crash_on_sky(client, a, b, url=None):
+        if a == "sky":
+            raise KeyboardInterrupt
+        return real(client, a, b, url)
+
+    monkeypatch.setattr(cj, "judge_pair", crash_on_sky)
+    with pytest.raises(KeyboardInterrupt):
+        main(args)
+    partial = json.loads(out.read_text())
+    assert [it["image"] for it in partial["items"]] == ["cat", "dog"] and partial["complete"] is False
+    assert partial["summary"]["wins"] == {"ours": 1, "base": 1}
+    monkeypatch.setattr(cj, "judge_pair", real)
+    assert "judge.json exist(s) already; pass --overwrite" in usage_error(capsys, main, args)
+    report = main(args + ["--overwrite"])
+    assert report["complete"] is True and report["summary"]["n_images"] == 3
+    assert report["summary"]["only_in_one_file"] == {"ours": 0, "base": 1}
+    assert json.loads(out.read_text()) == json.loads(json.dumps(report))
+
+
+def test_cli_values_are_checked_up_front(tmp_path, capsys, monkeypatch):
+    """Bad values once surfaced as tracebacks (ValueError from the client) or were taken as given (--timeout 0)."""
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps({"x": "one"}))
+    b.write_text(json.dumps({"x": "two"}))
+    common = [str(a), str(b), "--url", "http://127.0.0.1:1", "--model", "m", "--out", str(tmp_path / "o.json")]
+    monkeypatch.delenv("NO_SUCH_KEY_VAR", raising=False)
+    for extra, message in ((["--timeout", "0"], "--timeout: must be > 0, got 0"),
+                           (["--retries", "-1"], "--retries: must be >= 0, got -1"),
+                           (["--backoff", "nan"], "--backoff: must be finite"),
+                           (["--max-tokens", "0"], "--max-tokens: must be >= 1, got 0"),
+                           (["--limit", "-2"], "--limit: must be >= 0, got -2"),
+                           (["--url", "ftp://x"], "url must start with http:// or https://"),
+                           (["--model", ""], "model must be a non-empty model name"),
+                           (["--api-key-env", "NO_SUCH_KEY_VAR"], "NO_SUCH_KEY_VAR"),
+                           (["--images", str(tmp_path / "nowhere")], "is not a folder")):
+        assert message in usage_error(capsys, main, common + extra), extra
+    line = usage_error(capsys, main, [str(tmp_path / "missing.json")] + common[1:])
+    assert "argument captions_a: " in line and "missing.json" in line
+    (tmp_path / "broken.json").write_text("{nope")
+    assert "argument captions_b: " in usage_error(capsys, main, [str(a), str(tmp_path / "broken.json")] + common[2:])
+    assert not (tmp_path / "o.json").exists()
+
+
+def test_help_shows_defaults(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "seconds per request (default: 120.0)" in text and "(default: None)" not in text
+
+
+def test_caption_files_and_images_bad_input(tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"image": "a.png", "caption": "x"}\n{"image": "b.png"}\n')
     with pytest.raises(ValueError, match=r"bad.jsonl:2: expected an object with keys 'image' and 'caption'"):
@@ -317,8 +383,8 @@ def test_caption_files_and_images_bad_input(tmp_path):
     (tmp_path / "a.json").write_text(json.dumps({"a": "aaa"}))
     other = tmp_path / "other.json"
     other.write_text(json.dumps({"z": "zzz"}))
-    with pytest.raises(ValueError, match="share no image name"):
-        main([str(tmp_path / "a.json"), str(other), "--url", "http://127.0.0.1:1", "--model", "m",
-              "--out", str(tmp_path / "o.json")])
-    with pytest.raises(SystemExit):
-        main([str(dup), str(dup), "--url", "http://127.0.0.1:1", "--model", "m", "--out", str(tmp_path / "o.json")])
+    assert "share no image name" in usage_error(capsys, main, [str(tmp_path / "a.json"), str(other), "--url",
+                                                              "http://127.0.0.1:1", "--model", "m", "--out",
+                                                              str(tmp_path / "o.json")])
+    assert "pass --names" in usage_error(capsys, main, [str(dup), str(dup), "--url", "http://127.0.0.1:1", "--model",
+                                                        "m", "--out", str(tmp_path / "o.json")])

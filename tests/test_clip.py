@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model.clip import (CLIP, CLIPConfig, CLIPTokenizer, clip_preprocess, clip_preprocess_tensor, load_rgb,
+from model.clip import (CLIP, CLIPConfig, CLIPTokenizer, clip_preprocess, clip_preprocess_tensor,
                         openai_to_clip_state_dict)
+from model.image_io import load_rgb
 from weights import CheckpointError
 
 transformers = pytest.importorskip("transformers")
@@ -291,6 +292,18 @@ def test_clip_preprocess_matches_processor(name):
     got = clip_preprocess(image)
     assert got.shape == (3, 224, 224) and got.dtype == torch.float32
     assert (got - want).abs().max() <= 1e-5
+
+
+def test_clip_preprocess_scales_16_bit_and_float_images():
+    """PIL's convert("RGB") clips a 16-bit image (mode I;16) to white and a [0, 1] float image (mode F) to black; the
+    preprocessing sees their 8-bit levels instead."""
+    deep = np.random.default_rng(3).integers(0, 65536, (61, 83), dtype=np.uint16)
+    eight = Image.fromarray(np.rint(deep / 257).astype(np.uint8), "L")
+    want = clip_preprocess(eight)
+    assert torch.equal(clip_preprocess(Image.fromarray(deep)), want)
+    unit = Image.fromarray((np.asarray(eight) / np.float32(255)).astype(np.float32), "F")
+    assert torch.equal(clip_preprocess(unit), want)
+    assert (want - clip_preprocess(Image.new("L", (83, 61), 255))).abs().max() > 1
 
 
 def test_clip_preprocess_tensor_approximates_pil_path():

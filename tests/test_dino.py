@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from model.clip import load_rgb
 from model.dino import (IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, DINOv3, DINOv3Config, dinov2_preprocess,
                         dinov3_preprocess)
+from model.image_io import load_rgb
 from tests.test_clip import sample_images
 from weights import CheckpointError
 

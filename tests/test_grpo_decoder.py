@@ -214,6 +214,38 @@ def test_resume_matches_uninterrupted_run(tmp_path):
     assert last_ckpt(part).name == "step_00000003"
 
 
+def test_run_folder_rerun_overwrite_and_resume_with_new_lr(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = FAST + ["--save-every", "1", "--out", str(out)]
+    gd.main(args + ["--steps", "2"])
+    first = rows(out)
+    # The same command again would truncate the metrics and leave step 2 behind: refused, nothing touched.
+    with pytest.raises(ValueError, match="already holds a run .*pass --resume to continue it or --overwrite"):
+        gd.main(args + ["--steps", "1"])
+    assert rows(out) == first and (out / "step_00000002").is_dir()
+    # --overwrite starts over: the old run's rows and later checkpoints are gone.
+    gd.main(args + ["--steps", "1", "--overwrite"])
+    assert [r["step"] for r in rows(out)] == [1] and not (out / "step_00000002").exists()
+    assert without_time(rows(out)) == without_time(first[:1])
+    # A resumed run takes this command's --lr and --weight-decay (the optimizer state keeps only its moments).
+    capsys.readouterr()
+    gd.main(args + ["--steps", "2", "--resume", "--lr", "3e-3", "--weight-decay", "0"])
+    assert "resume: lr 0.01 -> 0.003 (--lr)" in capsys.readouterr().out
+    group = torch.load(last_ckpt(out) / "state.pt", weights_only=True)["optimizer"]["param_groups"][0]
+    assert (group["lr"], group["weight_decay"]) == (3e-3, 0.0)
+    # Nothing left to do is said, not silent.
+    gd.main(args + ["--steps", "2", "--resume"])
+    assert "nothing left to train" in capsys.readouterr().out
+
+
+def test_group_size_one_and_a_constant_reward_are_warned(tmp_path, capsys, monkeypatch):
+    gd.main(FAST[:2] + ["--group-size", "1"] + FAST[4:] + ["--steps", "1", "--out", str(tmp_path / "a")])
+    assert "--group-size 1: each reward is compared only with itself" in capsys.readouterr().err
+    monkeypatch.setattr(gd, "build_reward", lambda *a: lambda sources, recon: torch.ones(len(recon)))
+    gd.main(FAST + ["--steps", "1", "--out", str(tmp_path / "b")])
+    assert "step 1: every sample of each group got the same reward" in capsys.readouterr().err
+
+
 def test_killed_save_never_leaves_a_checkpoint_that_loads_wrong(tmp_path, monkeypatch):
     out = tmp_path / "run"
     args = FAST + ["--save-every", "1", "--out", str(out)]

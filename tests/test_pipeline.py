@@ -138,7 +138,7 @@ def test_init_refuses_another_base_and_non_runs(tmp_path, monkeypatch):
         read_handoff(run).check_base(base_identity(tiny_seed=0, uae=tmp_path / "nowhere"))
     with pytest.raises(Exception, match="holds no model/handoff.json"):
         cs.main(COMMON + STAGES[1][1] + ["--init", str(tmp_path), "--out", str(tmp_path / "b")])
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ValueError, match="--init .*missing: no such file or folder"):
         cs.main(COMMON + STAGES[1][1] + ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
 
 

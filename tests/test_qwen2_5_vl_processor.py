@@ -218,6 +218,22 @@ def test_file_paths_match_reference(official, tmp_path):
     _assert_same_batch(ours(text, paths), _ref_call(ref, text, paths))
 
 
+def test_16_bit_images_are_scaled_not_clipped(official, tmp_path):
+    """transformers clips a 16-bit greyscale image (PIL mode I;16) to white; ours scales it to the 8-bit levels
+    round(v / 257), in memory and from a PNG file alike."""
+    _, ours = official
+    deep = np.random.default_rng(7).integers(0, 65536, (37, 45), dtype=np.uint16)
+    eight = Image.fromarray(np.rint(deep / 257).astype(np.uint8), "L")
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    eight.save(tmp_path / "eight.png")
+    want = ours.preprocess_images([eight])[0]
+    assert torch.equal(ours.preprocess_images([Image.fromarray(deep)])[0], want)
+    assert torch.equal(ours.preprocess_images([tmp_path / "deep.png"])[0],
+                       ours.preprocess_images([tmp_path / "eight.png"])[0])
+    white = ours.preprocess_images([Image.new("L", (45, 37), 255)])[0]
+    assert not torch.equal(want, white)
+
+
 def test_patch_layout_is_merge_block_major(official):
     """Row r of pixel_values is patch (r // 4 -> merged token, r % 4 -> position in its 2x2 block); each row is
     (C, T, 14, 14) with both frames equal."""

@@ -1,6 +1,7 @@
 """train/data.py: procedural scenes, folder/JSONL datasets, the resumable sampler."""
 import json
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -68,3 +69,16 @@ def test_image_tensor_round_trip():
     assert torch.allclose(t[0, :, 5, 5], torch.tensor([1.0, -1.0, 128 / 127.5 - 1]), atol=1e-6)
     back = tensor_to_pil(t)[0]
     assert back.getpixel((5, 5)) == (255, 0, 128)
+
+
+def test_16_bit_and_transparent_images_load_as_8_bit_rgb(tmp_path):
+    """A 16-bit PNG reads as its 8-bit levels (PIL alone clips it to white), transparency lands on white."""
+    deep = np.random.default_rng(0).integers(0, 65536, (20, 30), dtype=np.uint16)
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    Image.new("RGBA", (30, 20), (255, 0, 0, 0)).save(tmp_path / "clear.png")
+    ds = ImageCaptionDataset(tmp_path, need_caption=False)
+    assert ds[0][0].getpixel((3, 3)) == (255, 255, 255)  # clear.png
+    image, _ = ds[1]
+    assert np.array_equal(np.asarray(image)[..., 1], np.rint(deep / 257).astype(np.uint8))
+    t = pil_to_tensor([Image.fromarray(deep)], 20)
+    assert torch.equal(t, pil_to_tensor([image], 20))

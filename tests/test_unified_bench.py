@@ -12,6 +12,7 @@ from PIL import Image
 from eval.reward import ReconstructionReward, clip_backbone
 from eval.unified_bench import load_backbones, main, pair_folders, score_pairs
 from model.clip import CLIP, CLIPConfig, clip_preprocess
+from tests.cli_helpers import usage_error
 from tests.fake_release import save_tiny_clip as _save_tiny_clip
 
 
@@ -69,7 +70,8 @@ def test_scores_match_transformers_features_and_report(tmp_path):
                     "--clip", str(tmp_path / "clip"), "--dinov2", str(tmp_path / "dinov2")])
     assert summary["n_pairs"] == 2 and summary["missing_backbones"] == ["longclip", "dinov3"]
     assert summary["overall"] is None, "a missing backbone must never be dropped silently from Overall"
-    assert len(summary["unreadable"]) == 1 and "three" in summary["unreadable"][0]
+    assert [s["image"] for s in summary["skipped"]] == ["three"]
+    assert "cannot read image" in summary["skipped"][0]["reason"]
 
     # Independent scores from transformers' models and processors.
     from transformers import BitImageProcessor, CLIPImageProcessor
@@ -100,6 +102,77 @@ def test_scores_match_transformers_features_and_report(tmp_path):
     for ref in re.findall(r"src='([^']+)'", html):
         assert (tmp_path / "out" / ref).is_file(), ref
     assert "missing longclip, dinov3" in html
+
+
+def test_cmyk_16_bit_and_odd_files_are_scored_not_fatal(tmp_path, capsys):
+    """A CMYK JPEG source once stopped the whole score ("cannot write mode CMYK as PNG", no summary) and a 16-bit PNG
+    was scored as a white image; both are converted as the backbones see them, and a file that is not an image by
+    suffix is listed, not silently left out."""
+    _save_tiny_clip(tmp_path / "clip")
+    src, rec = tmp_path / "src", tmp_path / "rec"
+    src.mkdir(), rec.mkdir()
+    _image(5, (64, 48)).convert("CMYK").save(src / "cmyk.jpg")
+    with Image.open(src / "cmyk.jpg") as im:
+        assert im.mode == "CMYK"
+        im.convert("RGB").save(rec / "cmyk.png")  # what the source looks like: scores 100
+    deep = np.random.default_rng(6).integers(0, 65536, (48, 64), dtype=np.uint16)
+    Image.fromarray(deep).save(src / "deep.png")
+    Image.fromarray(np.rint(deep / 257).astype(np.uint8), "L").save(rec / "deep.png")
+    (src / "notes.tif").write_bytes(b"II*\0")
+    summary = main(["score", "--source", str(src), "--recon", str(rec), "--out", str(tmp_path / "out"),
+                    "--clip", str(tmp_path / "clip")])
+    rows = {r["name"]: r for r in csv.DictReader(open(tmp_path / "out" / "scores.csv"))}
+    assert float(rows["cmyk"]["clip"]) == pytest.approx(100, abs=1e-3)
+    assert float(rows["deep"]["clip"]) == pytest.approx(100, abs=1e-3)
+    assert summary["n_pairs"] == 2 and summary["skipped"] == [] and summary["ignored"] == ["notes.tif"]
+    for name in ("cmyk_source", "deep_source"):
+        with Image.open(tmp_path / "out" / "images" / f"{name}.png") as im:
+            assert im.mode == "RGB"
+    assert json.loads((tmp_path / "out" / "summary.json").read_text()) == json.loads(json.dumps(summary))
+
+
+def test_clip_backbone_preprocesses_at_the_models_image_size(tmp_path):
+    """A CLIP trained at 48 px (not 224) is fed 48 px crops, matching transformers' processor and model."""
+    from transformers import CLIPConfig as HFConfig
+    from transformers import CLIPImageProcessor, CLIPModel
+
+    torch.manual_seed(0)
+    ref = CLIPModel(HFConfig(text_config=dict(vocab_size=99, hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                              num_attention_heads=4, max_position_embeddings=20),
+                             vision_config=dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                                                num_attention_heads=4, image_size=48, patch_size=16),
+                             projection_dim=16)).eval()
+    ref.save_pretrained(tmp_path / "clip48", safe_serialization=True)
+    backbone = load_backbones({"clip": str(tmp_path / "clip48")})["clip"]
+    images = [_image(7, (90, 61)), _image(8, (40, 70), "RGBA")]
+    processor = CLIPImageProcessor(size={"shortest_edge": 48}, crop_size={"height": 48, "width": 48})
+    with torch.no_grad():
+        want = ref.get_image_features(**processor(images, return_tensors="pt")).pooler_output
+    torch.testing.assert_close(backbone.embed_pil(images), F.normalize(want, dim=-1), rtol=1e-4, atol=1e-5)
+    assert backbone.embed_tensor(torch.rand(2, 3, 70, 50) * 2 - 1).shape == (2, 16)
+
+
+def test_cli_values_are_checked_up_front(tmp_path, capsys):
+    src, rec = tmp_path / "src", tmp_path / "rec"
+    src.mkdir(), rec.mkdir()
+    _image(0).save(src / "a.png")
+    _image(1).save(rec / "a.png")
+    score = ["score", "--source", str(src), "--recon", str(rec), "--out", str(tmp_path / "out")]
+    assert "--batch-size: must be >= 1, got 0" in usage_error(capsys, main, score + ["--batch-size", "0"])
+    assert "--device: not a torch device: 'gpu0'" in usage_error(capsys, main, score + ["--device", "gpu0"])
+    assert "--clip: " in usage_error(capsys, main, score + ["--clip", str(tmp_path / "nope")])
+    line = usage_error(capsys, main, ["score", "--source", str(tmp_path / "nope"), "--recon", str(rec), "--out",
+                                      str(tmp_path / "out")])
+    assert "--source: " in line and "is not a folder" in line
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert "--recon: " in usage_error(capsys, main, score[:3] + ["--recon", str(empty), "--out", str(tmp_path / "o")])
+    # A second run into the same folder is refused instead of overwriting the first one's results.
+    main(score)
+    first = (tmp_path / "out" / "summary.json").read_text()
+    assert "--overwrite" in usage_error(capsys, main, score)
+    assert (tmp_path / "out" / "summary.json").read_text() == first
+    main(score + ["--overwrite"])
 
 
 def test_bad_backbone_and_empty_run(tmp_path):
@@ -152,3 +225,4 @@ def test_help_runs(capsys):
                  "--guidance-scale", "--prompt PROMPT"):
         assert flag in text, flag
     assert "(default: bench)" in text and "--size" not in text
+    assert "images per backbone forward (default: 16)" in text

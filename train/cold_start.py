@@ -34,10 +34,11 @@ import torch
 from model.flow import flow_sigmas, sample_ode
 from model.lora import apply_lora, load_lora, lora_parameters
 from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS, NEGATIVE_PROMPT
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
-                          build_reward, build_uae, close_distributed, global_max, init_distributed, is_tiny, option,
-                          parse_dtype, parse_options, reduce_stats, resume_checkpoint, rng_state, save_run_checkpoint,
-                          set_rng_state, split_for_rank, step_generator, trained_adapter)
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, apply_optimizer_options,
+                          average_gradients, build_dataset, build_reward, build_uae, finish_run, finite, global_max,
+                          init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options, reduce_stats,
+                          require, rng_state, run_script, save_run_checkpoint, set_rng_state, split_for_rank,
+                          step_generator, trained_adapter)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 
 
@@ -58,6 +59,18 @@ class Options(RunOptions):
     max_new_tokens: int = option(0, "max caption tokens; 0 = the model's default")
     train_connector: bool = option(True, "train the connector's full weights")
 
+    def check(self) -> None:
+        super().check()
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self.sample_steps >= 1, f"--sample-steps must be >= 1, got {self.sample_steps}")
+        require(0 <= self.grad_last_k <= self.sample_steps,
+                f"--grad-last-k must be in [0, --sample-steps {self.sample_steps}], got {self.grad_last_k}")
+        require(finite(self.guidance_scale) and self.guidance_scale >= 1,
+                f"--guidance-scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
+        require(finite(self.caption_temperature) and self.caption_temperature >= 0,
+                f"--caption-temperature must be >= 0, got {self.caption_temperature}")
+        require(self.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+
 
 RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "sample_steps", "lora_rank", "lora_alpha",
                            "train_connector", "seed")
@@ -69,7 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
     dtype = parse_dtype(o.dtype)
     mine = split_for_rank(o.batch_size, d, "batch_size")
 
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
     uae, inherited = build_uae(o, dtype, d.device, folder)
     reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
     apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha,
@@ -92,6 +105,7 @@ def main(argv: list[str] | None = None) -> dict:
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
         load_lora(uae.dit, trained_adapter(folder, "dit"))
         opt.load_state_dict(state["optimizer"])
+        apply_optimizer_options(opt, o, d.is_main)
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
         set_rng_state(state["rng"])
@@ -151,10 +165,9 @@ def main(argv: list[str] | None = None) -> dict:
             if d.is_main:
                 trains = ("lvlm_adapter", "dit_adapter") + (("connector",) if o.train_connector else ())
                 save_run_checkpoint(o, step, state, uae, stage="cold_start", trains=trains, inherited=inherited)
-    log.close()
-    close_distributed()
+    finish_run(o, log)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -7,10 +7,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import fcntl
+import importlib
 import json
 import math
 import os
 import shutil
+import socket
 import sys
 import time
 import typing
@@ -43,7 +46,43 @@ def parse_options(cls, argv: list[str] | None = None, description: str | None = 
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
-    return cls(**vars(parser.parse_args(argv)))
+    o = cls(**vars(parser.parse_args(argv)))
+    if hasattr(o, "check"):
+        o.check()
+    return o
+
+
+class UsageError(ValueError):
+    """A bad option value or run folder, found before any work: `run_script` reports it as one line."""
+
+
+def run_script(main) -> None:
+    """The `__main__` of every training script: a UsageError becomes one `error:` line and exit code 2 (argparse's
+    convention) instead of a traceback; an N-process run ends without interpreter finalisation.
+
+    Why the latter: a library may keep the process group alive past destroy_process_group() (FSDP2 does), and
+    its gloo threads then release the tensors of finished collectives while the interpreter finalises, which aborts
+    the process ("terminate called without an active exception") after a run that finished and saved everything.
+    main() has closed its files and left the group by then; stdout and stderr are flushed first."""
+    try:
+        main()
+    except UsageError as e:
+        print(f"{os.path.basename(sys.argv[0])}: error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+
+def require(ok: bool, message: str) -> None:
+    """Option checks read as the rule they enforce: require(o.steps >= 1, "--steps must be >= 1")."""
+    if not ok:
+        raise UsageError(message)
+
+
+def finite(x: float) -> bool:
+    return math.isfinite(x)
 
 
 def option(default, help: str):
@@ -84,6 +123,37 @@ class RunOptions:
     seed: int = option(0, "seed of every random draw")
     save_every: int = option(10, "checkpoint every N steps (and at the end)")
     max_bad_steps: int = option(5, "stop after this many non-finite steps in a row")
+    full_parameter_training: typing.ClassVar[bool] = False  # whether --lora-rank 0 (train every weight) is allowed
+
+    overwrite: bool = option(False, "start over in an --out that holds a previous run (its metrics and checkpoints "
+                                    "are deleted); without it or --resume such a folder is refused")
+
+    def check(self) -> None:
+        """Every option value that can be judged before any work; each script's Options extends it. A violation is a
+        UsageError naming the option."""
+        require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
+        require(self.size >= 16 and self.size % 16 == 0,
+                f"--size must be a positive multiple of 16 (VAE factor 8 x DiT patch 2), got {self.size}")
+        require(finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        require(finite(self.weight_decay) and self.weight_decay >= 0,
+                f"--weight-decay must be >= 0, got {self.weight_decay}")
+        require(finite(self.grad_clip) and self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
+        lowest_rank = 0 if self.full_parameter_training else 1
+        require(self.lora_rank >= lowest_rank, f"--lora-rank must be >= {lowest_rank}, got {self.lora_rank}")
+        require(finite(self.lora_alpha) and self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
+        require(self.dtype in DTYPES, f"--dtype must be one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        require(self.device in ("auto", "cpu", "cuda"), f"--device must be auto, cpu or cuda, got {self.device!r}")
+        require(self.device != "cuda" or torch.cuda.is_available(),
+                "--device cuda: no CUDA device is available to this process (torch.cuda.is_available() is False)")
+        require(self.attention in ("sdpa", "triton"), f"--attention must be sdpa or triton, got {self.attention!r}")
+        require(self.seed >= 0, f"--seed must be >= 0, got {self.seed}")
+        require(self.save_every >= 1, f"--save-every must be >= 1, got {self.save_every}")
+        require(self.max_bad_steps >= 1, f"--max-bad-steps must be >= 1, got {self.max_bad_steps}")
+        require(self.procedural_images >= 1, f"--procedural-images must be >= 1, got {self.procedural_images}")
+        require(not (self.resume and self.overwrite), "--resume and --overwrite exclude each other")
+        for name in BASE_PARTS + ("init", "data"):
+            path = getattr(self, name)
+            require(not path or os.path.exists(path), f"--{name.replace('_', '-')} {path}: no such file or folder")
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -115,6 +185,11 @@ def init_distributed(device: str = "auto") -> Dist:
     else:
         dev = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        # torch._dynamo (imported lazily, e.g. by the first optimizer) keeps references to the process groups that
+        # exist when it is imported, so destroy_process_group() would no longer free the default group: its gloo
+        # threads then outlive the script and race with interpreter shutdown ("terminate called without an active
+        # exception", rc != 0 after a finished run). Imported first, it holds none.
+        importlib.import_module("torch._dynamo")
         dist.init_process_group("nccl" if device == "cuda" else "gloo", rank=rank, world_size=world,
                                 device_id=dev if device == "cuda" else None)
     return Dist(rank, world, local_rank, dev)
@@ -207,7 +282,7 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
 def split_for_rank(n_global: int, d: Dist, what: str) -> slice:
     """The contiguous slice of a global batch this rank owns; the global size must divide across ranks."""
     if n_global % d.world:
-        raise ValueError(f"{what}={n_global} does not divide across {d.world} ranks")
+        raise UsageError(f"{what}={n_global} does not divide across {d.world} ranks")
     per = n_global // d.world
     return slice(d.rank * per, (d.rank + 1) * per)
 
@@ -220,11 +295,13 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + step)
 
 
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 def parse_dtype(name: str) -> torch.dtype:
-    table = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-    if name not in table:
-        raise ValueError(f"--dtype must be one of {sorted(table)}, got {name!r}")
-    return table[name]
+    if name not in DTYPES:
+        raise UsageError(f"--dtype must be one of {', '.join(DTYPES)}, got {name!r}")
+    return DTYPES[name]
 
 
 # ----------------------------------------------------------------------------------------------- metrics
@@ -243,8 +320,7 @@ class MetricsLogger:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             if resume and path.exists():
-                kept = [line for line in path.read_text().splitlines()
-                        if line.strip() and json.loads(line).get("step", 0) <= start_step]
+                kept = [line for line, row in _read_rows(path) if row.get("step", 0) <= start_step]
                 tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, path)
@@ -268,6 +344,22 @@ class MetricsLogger:
     def close(self) -> None:
         if self.file is not None:
             self.file.close()
+
+
+def _read_rows(path: Path) -> list[tuple[str, dict]]:
+    """The rows of a metrics file with their lines. A last line that is not valid JSON was torn by a run killed
+    mid-write and is dropped with a warning; a bad line elsewhere is an error naming it."""
+    lines = [line for line in path.read_text().splitlines() if line.strip()]
+    out = []
+    for i, line in enumerate(lines):
+        try:
+            out.append((line, json.loads(line)))
+        except json.JSONDecodeError as e:
+            if i < len(lines) - 1:
+                raise ValueError(f"{path}: line {i + 1} is not a JSON row ({e})") from None
+            print(f"warning: {path}: dropping a torn last line (a run killed mid-write): {line[:80]!r}",
+                  file=sys.stderr, flush=True)
+    return out
 
 
 def _plain(v):
@@ -310,63 +402,217 @@ class NonFiniteGuard:
 # ----------------------------------------------------------------------------------------------- checkpoints
 
 def save_checkpoint(run_dir: str | Path, step: int, state: dict, write_extra=None) -> Path:
-    """Write `run_dir/step_{step:08d}/` atomically: everything goes into a temp folder which is renamed into place,
-    then `run_dir/latest` is replaced atomically. A run killed mid-save leaves at worst a stray temp folder, never
-    a checkpoint that `latest` points to and that loads wrong. `write_extra(folder)` adds files (e.g. a PEFT
-    adapter)."""
+    """Write `run_dir/step_{step:08d}/` atomically and durably: everything goes into a temp folder, the COMPLETE
+    marker (model.handoff: every file with its size) last, all of it fsynced, then the folder is renamed into place
+    and `run_dir/latest` replaced atomically. A run killed mid-save leaves the previous checkpoints as they were; a
+    save that fails (e.g. a full disk) removes its temp folder. `write_extra(folder)` adds files (the handoff)."""
+    from model.handoff import write_complete_marker
+
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     final = run_dir / f"step_{step:08d}"
     tmp = run_dir / f".tmp_step_{step:08d}_{os.getpid()}"
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir()
-    torch.save({"step": step, **state}, tmp / "state.pt")
-    if write_extra is not None:
-        write_extra(tmp)
-    (tmp / "COMPLETE").write_text(str(step))
+    try:
+        tmp.mkdir()
+        torch.save({"step": step, **state}, tmp / "state.pt")
+        if write_extra is not None:
+            write_extra(tmp)
+        write_complete_marker(tmp, step)
+        _fsync_tree(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if (run_dir / "metrics.jsonl").is_file():  # the rows up to this step survive a power loss with it
+        _fsync(run_dir / "metrics.jsonl")
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)
     pointer = run_dir / f".latest.tmp.{os.getpid()}"
     pointer.write_text(final.name)
+    _fsync(pointer)
     os.replace(pointer, run_dir / "latest")
+    _fsync(run_dir)
     return final
 
 
-def latest_checkpoint(run_dir: str | Path) -> Path | None:
-    run_dir = Path(run_dir)
-    pointer = run_dir / "latest"
-    if not pointer.exists():
-        return None
-    folder = run_dir / pointer.read_text().strip()
-    if not (folder / "COMPLETE").exists():
-        raise RuntimeError(f"{pointer} names {folder}, which is not a complete checkpoint")
-    return folder
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(folder: Path) -> None:
+    for root, _dirs, files in os.walk(folder):
+        for name in files:
+            _fsync(Path(root) / name)
+        _fsync(Path(root))
 
 
 def load_checkpoint_state(folder: str | Path, options: dict, compare: tuple[str, ...]) -> dict:
     """Read `state.pt` and refuse a checkpoint written by a run whose options differ in any of `compare`."""
     state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
+    check_resume_options(folder, state, options, compare)
+    return state
+
+
+def check_resume_options(folder: str | Path, state: dict, options: dict, compare: tuple[str, ...]) -> None:
     saved = state.get("options", {})
     diff = {k: (saved.get(k), options.get(k)) for k in compare if saved.get(k) != options.get(k)}
     if diff:
         shown = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, (a, b) in diff.items())
-        raise ValueError(f"cannot resume from {folder}: it was written by a run with other options ({shown})")
-    return state
+        raise UsageError(f"cannot resume from {folder}: it was written by a run with other options ({shown})")
 
 
-def resume_checkpoint(o, compare: tuple[str, ...], is_main: bool) -> tuple[Path | None, dict | None]:
-    """With --resume: the latest complete checkpoint in `o.out` and its state, options checked against `compare`;
-    (None, None) when not resuming or nothing was saved yet. Call it before building the model (the checkpoint's
-    model/ folder is part of what the model is built from); restore `state["rng"]` once the model is built."""
-    folder = latest_checkpoint(o.out) if o.resume else None
-    if folder is None:
-        return None, None
-    state = load_checkpoint_state(folder, dataclasses.asdict(o), compare)
+def latest_checkpoint(run_dir: str | Path, options: dict | None = None,
+                      compare: tuple[str, ...] = ()) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of `run_dir` that is complete and whose state.pt loads, with that state; checkpoints
+    that are not (a save cut short, a truncated or replaced file) are skipped with a warning naming the file, so a
+    run resumes from the last good one. (None, None) when the folder holds no checkpoint at all; an error when it
+    holds some and none is usable (starting over would silently drop them). With `options`, the state's options
+    must match them in `compare`."""
+    from model.handoff import run_checkpoints
+
+    found = run_checkpoints(run_dir)
+    skipped = []
+    for folder, problem in found:
+        if problem is None:
+            try:
+                state = torch.load(folder / "state.pt", map_location="cpu", weights_only=True)
+            except Exception as e:  # torch.load raises several types for a damaged file; all mean "unusable"
+                problem = f"{folder / 'state.pt'}: unreadable ({type(e).__name__}: {e})"
+        if problem is not None:
+            skipped.append(problem)
+            continue
+        for reason in skipped:
+            print(f"warning: skipping a checkpoint that is not usable: {reason}", file=sys.stderr, flush=True)
+        if options is not None:
+            check_resume_options(folder, state, options, compare)
+        return folder, state
+    if skipped:
+        raise RuntimeError(f"{run_dir}: no usable checkpoint to resume from ({'; '.join(skipped)}); pass --overwrite "
+                           "to start the run over")
+    return None, None
+
+
+# ----------------------------------------------------------------------------------------------- run folder
+
+def _run_files(run_dir: Path) -> list[Path]:
+    """What a run writes into --out; anything else there is the user's and is left alone."""
+    return sorted(p for p in run_dir.iterdir() if p.name in ("metrics.jsonl", "latest") or p.name.startswith("step_"))
+
+
+def _stale_temp_files(run_dir: Path) -> list[Path]:
+    """Temp files of saves that did not finish (save_checkpoint, MetricsLogger): garbage once the folder is locked."""
+    prefixes = (".tmp_step_", ".latest.tmp.", "metrics.jsonl.tmp.")
+    return sorted(p for p in run_dir.iterdir() if p.name.startswith(prefixes))
+
+
+def _remove(p: Path) -> None:
+    if p.is_dir() and not p.is_symlink():
+        shutil.rmtree(p)
+    else:
+        p.unlink()
+
+
+_HELD_LOCKS: dict[Path, int] = {}
+
+
+def lock_run_folder(run_dir: str | Path) -> None:
+    """Hold an exclusive lock on `run_dir/.lock` until `release_run_folder` or the process ends, so that a second
+    run on the same folder fails at its start instead of interleaving its metrics and checkpoints with this one's.
+    Re-entrant within a process (tests run a script's main() several times in one process)."""
+    run_dir = Path(run_dir).resolve()
+    if run_dir in _HELD_LOCKS:
+        return
+    run_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(run_dir / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(fd)
+        raise UsageError(f"--out {run_dir} is in use by another run ({holder}); two runs cannot share a run "
+                         "folder") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode(), 0)
+    _HELD_LOCKS[run_dir] = fd
+
+
+def release_run_folder(run_dir: str | Path) -> None:
+    fd = _HELD_LOCKS.pop(Path(run_dir).resolve(), None)
+    if fd is not None:
+        os.close(fd)
+
+
+def open_run_folder(o, compare: tuple[str, ...], is_main: bool) -> tuple[Path | None, dict | None]:
+    """Take `o.out` for this run; with --resume return the checkpoint to continue from and its state (options
+    checked against `compare`), else (None, None). Call it before building the model (the checkpoint's model/
+    folder is part of what the model is built from); restore `state["rng"]` once the model is built.
+
+    Rank 0 locks the folder and removes temp files of interrupted saves. A fresh run (no --resume) refuses a folder
+    that holds another run's metrics or checkpoints unless --overwrite, which deletes them first: rerunning a
+    command must not silently truncate the metrics of the run it replaces or leave its later checkpoints behind."""
+    run_dir = Path(o.out)
     if is_main:
+        lock_run_folder(run_dir)
+        for p in _stale_temp_files(run_dir):
+            print(f"removing {p}: left by an interrupted save", file=sys.stderr, flush=True)
+            _remove(p)
+        if not o.resume:
+            found = _run_files(run_dir)
+            if found and not o.overwrite:
+                shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
+                raise UsageError(f"--out {run_dir} already holds a run ({shown}); pass --resume to continue it or "
+                                 "--overwrite to replace it")
+            for p in found:
+                _remove(p)
+    if not o.resume:
+        return None, None
+    folder, state = latest_checkpoint(run_dir, dataclasses.asdict(o), compare)
+    if is_main and folder is not None:
         print(f"resuming from {folder} at step {state['step']}", flush=True)
+        if state["step"] >= o.steps:
+            print(f"the checkpoint is at step {state['step']} and --steps is {o.steps}: nothing left to train "
+                  "(raise --steps to continue)", flush=True)
     return folder, state
+
+
+def apply_optimizer_options(opt: torch.optim.Optimizer, o, is_main: bool) -> None:
+    """After loading a checkpoint's optimizer state: this run's --lr and --weight-decay replace the saved ones
+    (load_state_dict restores the old values), and each change is logged."""
+    for key in ("lr", "weight_decay"):
+        new = getattr(o, key)
+        old = {group[key] for group in opt.param_groups}
+        for group in opt.param_groups:
+            group[key] = new
+        if is_main and old != {new}:
+            print(f"resume: {key} {', '.join(map(str, sorted(old)))} -> {new} (--{key.replace('_', '-')})",
+                  flush=True)
+
+
+def finish_run(o, log: "MetricsLogger") -> None:
+    """The end of a training script's main(): close the metrics file, release the run folder, leave the process
+    group."""
+    log.close()
+    release_run_folder(o.out)
+    close_distributed()
+
+
+def warn_single_sample_groups(group_size: int, is_main: bool) -> None:
+    if group_size == 1 and is_main:
+        print("warning: --group-size 1: each reward is compared only with itself, so every advantage is 0 and the "
+              "policy does not change (GRPO needs >= 2 samples per group)", file=sys.stderr, flush=True)
+
+
+def warn_zero_advantages(step: int, advantages: torch.Tensor, is_main: bool) -> None:
+    """GRPO learns only from reward differences within a group: say so when a step has none (a constant reward)."""
+    if is_main and not bool(advantages.ne(0).any()):
+        print(f"warning: step {step}: every sample of each group got the same reward, so every advantage is 0 and "
+              "this step does not change the policy", file=sys.stderr, flush=True)
 
 
 def rng_state() -> dict:

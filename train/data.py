@@ -10,6 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
+from model.image_io import load_rgb, to_rgb
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
@@ -100,9 +102,7 @@ class ImageCaptionDataset:
     def __getitem__(self, i: int) -> tuple[Image.Image, str | None] | None:
         file, caption = self.items[i]
         try:
-            with Image.open(file) as im:
-                im.load()
-                return im.convert("RGB"), caption
+            return load_rgb(file), caption
         except (OSError, ValueError) as e:
             if i not in self.skipped:
                 self.skipped.add(i)
@@ -158,7 +158,7 @@ def pil_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
     for im in images:
         w, h = im.size
         s = min(w, h)
-        im = im.convert("RGB").crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+        im = to_rgb(im).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
         im = im.resize((size, size), Image.BICUBIC)
         t = torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3)
         out.append(t.permute(2, 0, 1).float() / 127.5 - 1.0)

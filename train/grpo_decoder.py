@@ -49,10 +49,12 @@ import torch
 from model.flow import Trajectory, flow_sigmas, sample_sde_trajectory, transition_log_prob
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
 from model.uae import DIT_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
-                          build_dataset, build_reward, build_uae, close_distributed, condition, init_distributed,
-                          is_tiny, option, parse_dtype, parse_options, reduce_stats, resume_checkpoint, rng_state,
-                          save_run_checkpoint, set_rng_state, split_for_rank, step_generator, trained_adapter)
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, all_gather_cat,
+                          apply_optimizer_options, average_gradients, build_dataset, build_reward, build_uae, condition,
+                          finish_run, finite, init_distributed, is_tiny, open_run_folder, option, parse_dtype,
+                          parse_options, reduce_stats, require, rng_state, run_script, save_run_checkpoint,
+                          set_rng_state, split_for_rank, step_generator, trained_adapter, warn_single_sample_groups,
+                          warn_zero_advantages)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import EMA, flow_grpo_loss, group_advantages
 
@@ -96,6 +98,27 @@ class Options(RunOptions):
     caption_temperature: float = option(0.7, "captioner sampling temperature (0 = greedy)")
     caption_tokens: int = option(0, "max caption tokens; 0 = the model's default")
 
+    def check(self) -> None:
+        super().check()
+        require(self.images_per_step >= 1, f"--images-per-step must be >= 1, got {self.images_per_step}")
+        require(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
+        trained_steps(self)
+        require(finite(self.noise_level) and self.noise_level > 0,
+                f"--noise-level must be > 0 (the SDE step's Gaussian needs a positive std), got {self.noise_level}")
+        require(finite(self.guidance_scale) and self.guidance_scale >= 1,
+                f"--guidance-scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
+        require(self.minibatches >= 1, f"--minibatches must be >= 1, got {self.minibatches}")
+        require(self.inner_epochs >= 1, f"--inner-epochs must be >= 1, got {self.inner_epochs}")
+        require(finite(self.clip_eps) and self.clip_eps > 0, f"--clip-eps must be > 0, got {self.clip_eps}")
+        require(finite(self.adv_clip) and self.adv_clip > 0, f"--adv-clip must be > 0, got {self.adv_clip}")
+        require(self.adv_std in ("group", "global"), f"--adv-std must be group or global, got {self.adv_std!r}")
+        require(finite(self.beta) and self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        require(0 <= self.ema_decay < 1, f"--ema-decay must be in [0, 1), got {self.ema_decay}")
+        require(finite(self.caption_temperature) and self.caption_temperature >= 0,
+                f"--caption-temperature must be >= 0, got {self.caption_temperature}")
+        require(self.caption_tokens >= 0, f"--caption-tokens must be >= 0, got {self.caption_tokens}")
+        require(any(t for t in self.lora_targets.split(",")), "--lora-targets names no module")
+
 
 # Options that must match to resume (the rest, e.g. --steps, may change).
 RESUME_KEYS = BASE_KEYS + ("data", "dataset_captions", "images_per_step", "group_size", "size", "sample_steps",
@@ -106,16 +129,14 @@ def trained_steps(o: Options) -> list[int]:
     """Indices of the denoising steps run as SDE (and trained), a contiguous window. The last step (to sigma 0) is
     never trained: its Gaussian is degenerate."""
     last = o.sample_steps - 1
-    if last < 1:
-        raise ValueError(f"--sample-steps must be >= 2 (the last step is never trained), got {o.sample_steps}")
+    require(last >= 1, f"--sample-steps must be >= 2 (the last step is never trained), got {o.sample_steps}")
     if not o.sde_window:
         return list(range(last))
     try:
         start, end = (int(x) for x in o.sde_window.split(":"))
     except ValueError:
-        raise ValueError(f"--sde-window must look like 'start:end', got {o.sde_window!r}") from None
-    if not 0 <= start < end <= last:
-        raise ValueError(f"--sde-window {o.sde_window!r} must satisfy 0 <= start < end <= {last}")
+        raise UsageError(f"--sde-window must look like 'start:end', got {o.sde_window!r}") from None
+    require(0 <= start < end <= last, f"--sde-window {o.sde_window!r} must satisfy 0 <= start < end <= {last}")
     return list(range(start, end))
 
 
@@ -153,21 +174,17 @@ def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advan
 
 def main(argv: list[str] | None = None) -> dict:
     o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    if o.adv_std not in ("group", "global"):
-        raise ValueError(f"--adv-std must be group or global, got {o.adv_std!r}")
     d = init_distributed(o.device)
     dtype = parse_dtype(o.dtype)
     sde_steps = trained_steps(o)
     n_traj = o.images_per_step * o.group_size
     mine = split_for_rank(n_traj, d, "images_per_step * group_size")
-    if o.minibatches < 1 or o.inner_epochs < 1:
-        raise ValueError(f"--minibatches and --inner-epochs must be >= 1, got {o.minibatches}, {o.inner_epochs}")
-    if (mine.stop - mine.start) % o.minibatches:
-        raise ValueError(f"trajectories per rank {mine.stop - mine.start} must divide into --minibatches "
-                         f"{o.minibatches}")
+    require((mine.stop - mine.start) % o.minibatches == 0,
+            f"trajectories per rank {mine.stop - mine.start} must divide into --minibatches {o.minibatches}")
+    warn_single_sample_groups(o.group_size, d.is_main)
     torch.manual_seed(o.seed)
 
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
     uae, inherited = build_uae(o, dtype, d.device, folder)
     reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
     targets = [t for t in o.lora_targets.split(",") if t]
@@ -185,6 +202,7 @@ def main(argv: list[str] | None = None) -> dict:
     if state is not None:
         load_lora(uae.dit, trained_adapter(folder, "dit"))
         opt.load_state_dict(state["optimizer"])
+        apply_optimizer_options(opt, o, d.is_main)
         if ema is not None:
             ema.load_state_dict(state["ema"])
         sampler.state = SamplerState(**state["sampler"])
@@ -230,7 +248,10 @@ def main(argv: list[str] | None = None) -> dict:
             rewards = reward_fn(sources, recon)
         all_rewards = all_gather_cat(rewards.float())
         advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip,
-                                      global_std=o.adv_std == "global")[mine]
+                                      global_std=o.adv_std == "global")
+        if o.group_size > 1:
+            warn_zero_advantages(step, advantages, d.is_main)
+        advantages = advantages[mine]
 
         # 4. Policy update: `minibatches` optimizer steps per pass, `inner_epochs` passes. Minibatch k holds the
         #    trajectories whose global index is k modulo `minibatches` (every rank holds an equal share of it).
@@ -269,10 +290,9 @@ def main(argv: list[str] | None = None) -> dict:
             if d.is_main:  # the EMA adapter is what evaluation loads (Flow-GRPO evaluates the EMA)
                 save_run_checkpoint(o, step, state, uae, stage="grpo_decoder", trains=("dit_adapter",),
                                     inherited=inherited, dit_ema=ema.swap if ema is not None else None)
-    log.close()
-    close_distributed()
+    finish_run(o, log)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

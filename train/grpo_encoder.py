@@ -40,10 +40,11 @@ import torch
 
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
 from model.uae import LLM_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
-                          build_dataset, build_reward, build_uae, close_distributed, init_distributed, is_tiny, option,
-                          parse_dtype, parse_options, reduce_stats, resume_checkpoint, rng_state, save_run_checkpoint,
-                          set_rng_state, split_for_rank, step_generator, trained_adapter)
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, apply_optimizer_options,
+                          average_gradients, build_dataset, build_reward, build_uae, finish_run, finite,
+                          init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options, reduce_stats,
+                          require, rng_state, run_script, save_run_checkpoint, set_rng_state, split_for_rank,
+                          step_generator, trained_adapter, warn_single_sample_groups, warn_zero_advantages)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 from train.rl import group_advantages, grpo_loss
 
@@ -82,6 +83,26 @@ class Options(RunOptions):
     logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
 
+    def check(self) -> None:
+        super().check()
+        require(self.images_per_step >= 1, f"--images-per-step must be >= 1, got {self.images_per_step}")
+        require(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
+        require(finite(self.temperature) and self.temperature > 0,
+                f"--temperature must be > 0 (the log-probs divide by it), got {self.temperature}")
+        require(self.max_new_tokens >= 0, f"--max-new-tokens must be >= 0, got {self.max_new_tokens}")
+        require(self.gen_steps >= 1, f"--gen-steps must be >= 1, got {self.gen_steps}")
+        require(finite(self.guidance_scale) and self.guidance_scale >= 1,
+                f"--guidance-scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
+        require(self.render_noise in ("caption", "group", "fixed"),
+                f"--render-noise must be caption, group or fixed, got {self.render_noise!r}")
+        require(finite(self.clip_eps) and self.clip_eps > 0, f"--clip-eps must be > 0, got {self.clip_eps}")
+        require(finite(self.adv_clip) and self.adv_clip > 0, f"--adv-clip must be > 0, got {self.adv_clip}")
+        require(finite(self.beta) and self.beta >= 0, f"--beta must be >= 0, got {self.beta}")
+        require(self.loss_norm in ("sequence_mean", "token_mean"),
+                f"--loss-norm must be sequence_mean or token_mean, got {self.loss_norm!r}")
+        require(self.logprob in ("fused", "naive"), f"--logprob must be fused or naive, got {self.logprob!r}")
+        require(any(t for t in self.lora_targets.split(",")), "--lora-targets names no module")
+
 
 RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha",
                            "lora_targets", "seed")
@@ -102,18 +123,13 @@ def caption_logprobs(uae, inputs, tokens, mask, temperature):
 
 def main(argv: list[str] | None = None) -> dict:
     o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    if o.loss_norm not in ("sequence_mean", "token_mean"):
-        raise ValueError(f"--loss-norm must be sequence_mean or token_mean, got {o.loss_norm!r}")
-    if o.render_noise not in ("caption", "group", "fixed"):
-        raise ValueError(f"--render-noise must be caption, group or fixed, got {o.render_noise!r}")
-    if o.logprob not in ("fused", "naive"):
-        raise ValueError(f"--logprob must be fused or naive, got {o.logprob!r}")
     d = init_distributed(o.device)
     dtype = parse_dtype(o.dtype)
     n_caps = o.images_per_step * o.group_size
     mine = split_for_rank(n_caps, d, "images_per_step * group_size")
+    warn_single_sample_groups(o.group_size, d.is_main)
 
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
     uae, inherited = build_uae(o, dtype, d.device, folder)
     uae.lvlm.fused_logprobs = o.logprob == "fused"
     reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
@@ -132,6 +148,7 @@ def main(argv: list[str] | None = None) -> dict:
     if state is not None:
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
         opt.load_state_dict(state["optimizer"])
+        apply_optimizer_options(opt, o, d.is_main)
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
         set_rng_state(state["rng"])
@@ -177,7 +194,10 @@ def main(argv: list[str] | None = None) -> dict:
             sources = pil_to_tensor([images[i] for i in image_of], o.size).to(d.device)
             rewards = reward_fn(sources, recon)
         all_rewards = all_gather_cat(rewards.float())
-        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)[mine]
+        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)
+        if o.group_size > 1:
+            warn_zero_advantages(step, advantages, d.is_main)
+        advantages = advantages[mine]
 
         # 3. Old-policy (and, with beta > 0, reference) log-probs through the same path, then the clipped update.
         with torch.no_grad():
@@ -209,10 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
             if d.is_main:
                 save_run_checkpoint(o, step, state, uae, stage="grpo_encoder", trains=("lvlm_adapter",),
                                     inherited=inherited)
-    log.close()
-    close_distributed()
+    finish_run(o, log)
     return metrics
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)

@@ -38,10 +38,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import DIT_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
-                          build_uae, close_distributed, encode_text, init_distributed, option, parse_dtype,
-                          parse_options, reduce_stats, resume_checkpoint, rng_state, save_run_checkpoint,
-                          set_rng_state, split_for_rank, step_generator, trained_adapter)
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, apply_optimizer_options,
+                          average_gradients, build_dataset, build_uae, encode_text, finish_run, finite,
+                          init_distributed, open_run_folder, option, parse_dtype, parse_options, reduce_stats, require,
+                          rng_state, run_script, save_run_checkpoint, set_rng_state, split_for_rank, step_generator,
+                          trained_adapter)
 from train.data import ResumableSampler, SamplerState, pil_to_tensor
 
 
@@ -58,6 +59,18 @@ class Options(RunOptions):
     fsdp: bool = option(False, "shard the DiT and connector with FSDP2 (full-parameter training only)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     save_every: int = option(20, "checkpoint every N steps (and at the end)")
+
+    full_parameter_training = True  # --lora-rank 0
+
+    def check(self) -> None:
+        super().check()
+        require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
+        require(self.weighting in ("logit_normal", "sigma_sqrt", "cosmap", "uniform"),
+                f"--weighting must be logit_normal, sigma_sqrt, cosmap or uniform, got {self.weighting!r}")
+        require(finite(self.logit_mean), f"--logit-mean must be a finite number, got {self.logit_mean}")
+        require(finite(self.logit_std) and self.logit_std > 0, f"--logit-std must be > 0, got {self.logit_std}")
+        require(not (self.fsdp and self.lora_rank > 0),
+                "--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
 
 
 RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp",
@@ -85,16 +98,11 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 
 def main(argv: list[str] | None = None) -> dict:
     o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    if o.weighting not in ("logit_normal", "sigma_sqrt", "cosmap", "uniform"):
-        raise ValueError(f"--weighting must be logit_normal, sigma_sqrt, cosmap or uniform, got {o.weighting!r}")
     d = init_distributed(o.device)
     dtype = parse_dtype(o.dtype)
     mine = split_for_rank(o.batch_size, d, "batch_size")
 
-    if o.fsdp and o.lora_rank > 0:
-        raise ValueError("--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
-
-    folder, state = resume_checkpoint(o, RESUME_KEYS, d.is_main)
+    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
     uae, inherited = build_uae(o, dtype, d.device, folder)
     if o.lora_rank > 0:
         apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
@@ -136,6 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
                                      options=StateDictOptions(full_state_dict=True))
         else:
             opt.load_state_dict(state["optimizer"])
+        apply_optimizer_options(opt, o, d.is_main)
         sampler.state = SamplerState(**state["sampler"])
         start = state["step"]
         set_rng_state(state["rng"])
@@ -191,8 +200,7 @@ def main(argv: list[str] | None = None) -> dict:
             if d.is_main:
                 save_run_checkpoint(o, step, state, uae, stage="sft_decoder", trains=trains, inherited=inherited,
                                     **full)
-    log.close()
-    close_distributed()
+    finish_run(o, log)
     return metrics
 
 
@@ -201,4 +209,4 @@ def _sub(state: dict, prefix: str) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run_script(main)
