@@ -1,8 +1,9 @@
 """What one training stage hands to the next, and to the evaluation tools: the model a run ends with, written as the
 changes it made on top of its base model.
 
-Unified-GRPO runs as a chain (decoder SFT -> cold start -> GRPO on the captioner -> Flow-GRPO on the decoder), each
-stage starting exactly where the previous one ended. Every checkpoint of every stage holds a `model/` folder:
+Unified-GRPO runs as a chain (decoder SFT -> captioner SFT -> cold start -> GRPO on the captioner -> Flow-GRPO on the
+decoder), each stage starting exactly where the previous one ended. Every checkpoint of every stage holds a `model/`
+folder:
 
     model/handoff.json        the manifest below
     model/lvlm_adapter_<i>/   PEFT adapters of the LVLM, oldest first (i = position in the stack)
@@ -10,6 +11,8 @@ stage starting exactly where the previous one ended. Every checkpoint of every s
     model/dit_adapter_<i>_ema/  the EMA of the newest DiT adapter, when the stage that trained it kept one
     model/connector.safetensors  the connector, once a stage has trained it (else the base's)
     model/dit.safetensors     full DiT weights, once a stage has trained every DiT parameter (`--lora-rank 0`)
+    model/lvlm.safetensors    full LVLM weights (vision tower, merger, LM), once a stage has trained every LVLM
+                              parameter (train/sft_captioner.py --lora-rank 0)
 
 The base is what the run loaded before any stage touched it: the UAE release (its own LoRA adapters included) or
 plain parts, or the tiny preset and its seed; the manifest records it and a later stage on another base is refused.
@@ -18,8 +21,9 @@ Adapters are STACKED, never merged: loading a handoff wraps the base with each a
 policy (new adapter off) is exactly the model the stage started from, and no delta is rounded into bf16 weights.
 Adapters and the connector are loaded in the dtype they were saved in, the one they were trained in (fp32 adapters on
 a bf16 model), so a stage's first forward equals the previous stage's last bit for bit. A stage that trains every DiT
-weight first merges the stack below it (`unwrap_lora(merge=True)`); its `dit.safetensors` then replaces the base DiT
-and the adapters it absorbed.
+(LVLM) weight first merges the stack below it (`unwrap_lora(merge=True)`); its `dit.safetensors` (`lvlm.safetensors`)
+then replaces the base DiT (LVLM) and the adapters it absorbed, the release's own included; the manifest's base stays
+the one the run loaded (the configs, tokenizer and other parts the weights belong with).
 
 Files a stage inherits are hard-linked into each of its checkpoints (copied across file systems): every
 checkpoint is self-contained, so `--resume`, `--init` and the evaluation tools read one folder.
@@ -41,6 +45,7 @@ MANIFEST = "handoff.json"
 FORMAT = "uae-handoff/1"
 CONNECTOR_FILE = "connector.safetensors"
 DIT_FILE = "dit.safetensors"
+LVLM_FILE = "lvlm.safetensors"
 # The paths that say which base model a run started from (the release folder or plain parts), as the training
 # scripts and eval tools name their options; without any, the tiny preset and its seed.
 BASE_PARTS = ("uae", "lvlm", "sd3", "dit", "connector", "pooled", "llm_lora", "dit_lora")
@@ -64,7 +69,7 @@ def _option_name(key: str) -> str:
 @dataclass
 class Handoff:
     """A `model/` folder's manifest. Adapter entries are folder names inside `folder`, oldest first; `trained`
-    names what the run that wrote it trained itself (the newest lvlm / dit adapter, the connector, the dit
+    names what the run that wrote it trained itself (the newest lvlm / dit adapter, the connector, the dit / lvlm
     weights), the rest it inherited."""
     folder: Path
     base: dict
@@ -73,6 +78,7 @@ class Handoff:
     dit_ema_adapter: str | None = None
     connector: str | None = None
     dit_weights: str | None = None
+    lvlm_weights: str | None = None
     trained: list[str] = field(default_factory=list)
     stages: list[dict] = field(default_factory=list)
 
@@ -88,7 +94,7 @@ class Handoff:
     def inherited(self) -> "Handoff":
         """The part a resumed run inherited: without the adapters it trained itself (it re-creates those as
         trainable and loads their values from its checkpoint) and without its own entry in `stages`. A trained
-        connector or DiT weights stay: they are the run's current values and are loaded as such."""
+        connector or DiT / LVLM weights stay: they are the run's current values and are loaded as such."""
         lvlm, dit, ema = list(self.lvlm_adapters), list(self.dit_adapters), self.dit_ema_adapter
         if "lvlm_adapter" in self.trained:
             lvlm.pop()
@@ -179,7 +185,8 @@ def read_handoff(path: str | os.PathLike) -> Handoff:
         h = Handoff(folder=folder, **raw)
     except TypeError as e:
         raise CheckpointError(f"{folder / MANIFEST}: bad manifest: {e}") from None
-    names = h.lvlm_adapters + h.dit_adapters + [n for n in (h.dit_ema_adapter, h.connector, h.dit_weights) if n]
+    names = h.lvlm_adapters + h.dit_adapters + [n for n in (h.dit_ema_adapter, h.connector, h.dit_weights,
+                                                            h.lvlm_weights) if n]
     missing = [n for n in names if not (folder / n).exists()]
     if missing:
         raise CheckpointError(f"{folder}: the manifest lists {missing}, which are not there")
@@ -187,8 +194,8 @@ def read_handoff(path: str | os.PathLike) -> Handoff:
 
 
 def load_handoff(uae, handoff: Handoff, ema: bool = False) -> None:
-    """Put `handoff` onto `uae` (built from the same base; call `handoff.check_base` first): the DiT weights and the
-    connector replace the base's, then every adapter is loaded and frozen, oldest first. ema=True takes the
+    """Put `handoff` onto `uae` (built from the same base; call `handoff.check_base` first): the DiT and LVLM weights
+    and the connector replace the base's, then every adapter is loaded and frozen, oldest first. ema=True takes the
     newest DiT adapter's EMA in its place when there is one (what evaluation uses)."""
     from model.lora import WEIGHTS_NAME, freeze_lora, load_lora, unwrap_lora
 
@@ -196,6 +203,9 @@ def load_handoff(uae, handoff: Handoff, ema: bool = False) -> None:
     if handoff.dit_weights:
         unwrap_lora(uae.dit, merge=False)  # the full weights already hold every adapter below them
         load_module(uae.dit, f / handoff.dit_weights, device=uae.device)
+    if handoff.lvlm_weights:
+        unwrap_lora(uae.lvlm, merge=False)  # the release's LLM adapter included
+        load_module(uae.lvlm, f / handoff.lvlm_weights, device=uae.device)
     if handoff.connector:
         file = f / handoff.connector
         load_module(uae.connector, file, dtype=_saved_dtype(file), device=uae.device)
@@ -220,12 +230,12 @@ def save_handoff(folder: str | os.PathLike, uae, *, base: dict, stage: str, run:
     """Write `folder` (a checkpoint's `model/`): what `inherited` holds, plus what this stage trains.
 
     trains: any of "lvlm_adapter" / "dit_adapter" (the active LoRA adapter of uae.lvlm / uae.dit), "connector",
-    "dit_weights" (every DiT parameter). dit_ema: a context manager factory that swaps the EMA values into the DiT
-    adapter (train.rl.EMA.swap). connector_state / dit_state: full state dicts to write instead of the modules'
-    (FSDP2 gathers them). Inherited files are hard-linked (copied across file systems)."""
+    "dit_weights" / "lvlm_weights" (every DiT / LVLM parameter). dit_ema: a context manager factory that swaps the
+    EMA values into the DiT adapter (train.rl.EMA.swap). connector_state / dit_state: full state dicts to write
+    instead of the modules' (FSDP2 gathers them). Inherited files are hard-linked (copied across file systems)."""
     from model.lora import save_lora
 
-    bad = set(trains) - {"lvlm_adapter", "dit_adapter", "connector", "dit_weights"}
+    bad = set(trains) - {"lvlm_adapter", "dit_adapter", "connector", "dit_weights", "lvlm_weights"}
     if bad:
         raise ValueError(f"unknown trained part(s) {sorted(bad)}")
     folder = Path(folder)
@@ -252,7 +262,12 @@ def save_handoff(folder: str | os.PathLike, uae, *, base: dict, stage: str, run:
         h.connector = CONNECTOR_FILE
     else:
         h.connector = link(src.connector) if src.connector else None
-    h.lvlm_adapters = [link(n) for n in src.lvlm_adapters]
+    if "lvlm_weights" in trains:  # merged: the inherited LVLM adapters live inside these weights now
+        save_safetensors(_each_tensor_once(uae.lvlm), folder / LVLM_FILE)
+        h.lvlm_weights = LVLM_FILE
+    else:
+        h.lvlm_weights = link(src.lvlm_weights) if src.lvlm_weights else None
+        h.lvlm_adapters = [link(n) for n in src.lvlm_adapters]
     if "dit_adapter" not in trains and src.dit_ema_adapter and "dit_weights" not in trains:
         h.dit_ema_adapter = link(src.dit_ema_adapter)
     if "lvlm_adapter" in trains:
@@ -272,6 +287,17 @@ def save_handoff(folder: str | os.PathLike, uae, *, base: dict, stage: str, run:
     tmp.write_text(json.dumps(manifest, indent=2))
     os.replace(tmp, folder / MANIFEST)
     return h
+
+
+def _each_tensor_once(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """`module`'s state dict with a tied parameter under its first name only (Qwen2.5-VL-3B's lm_head is its token
+    embedding): safetensors refuses tensors that share memory, and load_module re-ties the other names."""
+    seen, out = set(), {}
+    for name, t in module.state_dict(keep_vars=True).items():
+        if id(t) not in seen:
+            seen.add(id(t))
+            out[name] = t.detach()
+    return out
 
 
 def _link_or_copy(src: Path, dst: Path) -> None:

@@ -128,6 +128,26 @@ class UAE(nn.Module):
         texts = [t.strip() for t in texts]
         return (texts, inputs, out) if return_output else texts
 
+    def caption_hidden(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+        """Teacher forcing: the LVLM's last hidden states [B, N, d] that predict each of the caption `tokens` [B, N]
+        (right-padded; `mask` marks the real ones) written after the image prompt `inputs` (`caption_inputs`), from
+        one forward over prompt + caption. Rows' padding positions hold unspecified values (callers mask them)."""
+        prompt_len = inputs["input_ids"].shape[1]
+        ids = torch.cat([inputs["input_ids"], tokens.masked_fill(~mask, self.processor.pad_token_id)], dim=1)
+        attn = torch.cat([inputs["attention_mask"], mask.long()], dim=1)
+        hidden = self.lvlm.forward_hidden(ids, attention_mask=attn, pixel_values=inputs["pixel_values"],
+                                          image_grid_thw=inputs["image_grid_thw"], pad_states=False)
+        # Position p predicts token p+1: the caption's N tokens are predicted from positions prompt_len-1 ... +N-2.
+        return hidden[:, prompt_len - 1: prompt_len - 1 + tokens.shape[1]]
+
+    def caption_logprobs(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor, mask: torch.Tensor,
+                         temperature: float = 1.0) -> torch.Tensor:
+        """Per-token log-probs [B, N] (fp32, differentiable) of caption `tokens` given the image prompt `inputs` under
+        the LVLM as it is (adapters as they are set): `caption_hidden` -> `lvlm.token_logprobs`, where the fused
+        log-prob kernel plugs in. GRPO's policy, old policy and reference all come from this one path."""
+        return self.lvlm.token_logprobs(self.caption_hidden(inputs, tokens, mask), tokens, temperature=temperature)
+
     # ------------------------------------------------------------------------------------------- conditioning
     def generate_ids(self, texts: list[str], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of each text in the `generate` chat turn, right-padded with the pad id (released convention) to

@@ -44,6 +44,31 @@ def model_file(out, name: str) -> dict[str, torch.Tensor]:
     return {k: f[k] for k in f}
 
 
+def run_stage(script, args: list[str], probe) -> dict:
+    """Run a training script's main(args) in-process; return its model (as the script built it) and `probe(model)` at
+    the first optimizer step (before the update: what the first forward saw) and after the run (the last forward's
+    model), under "uae", "first" and "last"."""
+    seen = {}
+    real_build = script.build_uae
+
+    def build(*a, **k):
+        seen["uae"], inherited = real_build(*a, **k)
+        return seen["uae"], inherited
+
+    class FirstStepProbe(torch.optim.AdamW):
+        def step(self, *a, **k):
+            if "first" not in seen:
+                seen["first"] = probe(seen["uae"])
+            return super().step(*a, **k)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(script, "build_uae", build)
+        mp.setattr(torch.optim, "AdamW", FirstStepProbe)
+        script.main(args)
+    seen["last"] = probe(seen["uae"])
+    return seen
+
+
 def without_time(rs):
     return [{k: v for k, v in r.items() if k != "s_per_step"} for r in rs]
 

@@ -90,10 +90,10 @@ def test_adapters_off_reference_equals_frozen_base(tmp_path):
     tokens = torch.tensor([base.processor.encode(caption)[:6]])
     mask = torch.ones_like(tokens, dtype=torch.bool)
     with torch.no_grad():
-        lp_base = ge.caption_logprobs(base, inputs, tokens, mask, 1.0)
-        lp_on = ge.caption_logprobs(model, inputs, tokens, mask, 1.0)
+        lp_base = base.caption_logprobs(inputs, tokens, mask, 1.0)
+        lp_on = model.caption_logprobs(inputs, tokens, mask, 1.0)
         with lora_disabled(model.lvlm):
-            lp_off = ge.caption_logprobs(model, inputs, tokens, mask, 1.0)
+            lp_off = model.caption_logprobs(inputs, tokens, mask, 1.0)
     assert torch.equal(lp_off, lp_base)
     assert (lp_on - lp_base).abs().max() > 1e-6
 

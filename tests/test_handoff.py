@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from model.handoff import Handoff, base_identity, find_handoff, load_handoff, read_handoff, save_handoff
-from model.lora import apply_lora, frozen_lora_layers, lora_layers, unwrap_lora
+from model.lora import apply_lora, freeze_lora, frozen_lora_layers, lora_layers, unwrap_lora
 from model.uae import UAE
 from weights import CheckpointError
 
@@ -62,21 +62,38 @@ def test_a_chain_of_two_stages_links_and_stacks(tmp_path):
     assert [s["stage"] for s in resumed.stages] == ["sft_decoder"]
 
 
-def test_full_weights_absorb_the_adapters_below_them(tmp_path):
-    a = trained_model(2, ("dit",))
-    save_handoff(tmp_path / "a", a, base=BASE, stage="sft_decoder", run=tmp_path, step=1, inherited=None,
-                 trains=("dit_adapter",))
+@pytest.mark.parametrize("component", ["dit", "lvlm"])
+def test_full_weights_absorb_the_adapters_below_them(tmp_path, component):
+    # A full-parameter stage (sft_decoder / sft_captioner --lora-rank 0) merges the adapters below it and hands on
+    # every weight; they replace the base's and any adapters a model carries (e.g. the release's).
+    a = trained_model(2, (component,))
+    save_handoff(tmp_path / "a", a, base=BASE, stage="sft", run=tmp_path, step=1, inherited=None,
+                 trains=(f"{component}_adapter",))
     b = UAE.tiny(0).requires_grad_(False)
     load_handoff(b, read_handoff(tmp_path / "a"))
-    unwrap_lora(b.dit, merge=True)
-    h = save_handoff(tmp_path / "b", b, base=BASE, stage="sft_decoder", run=tmp_path, step=1,
-                     inherited=read_handoff(tmp_path / "a"), trains=("dit_weights",))
-    assert h.dit_weights == "dit.safetensors" and h.dit_adapters == []
-    c = UAE.tiny(0).requires_grad_(False)
+    unwrap_lora(getattr(b, component), merge=True)
+    h = save_handoff(tmp_path / "b", b, base=BASE, stage="sft", run=tmp_path, step=1,
+                     inherited=read_handoff(tmp_path / "a"), trains=(f"{component}_weights",))
+    assert getattr(h, f"{component}_weights") == f"{component}.safetensors"
+    assert getattr(h, f"{component}_adapters") == [] and h.base == BASE
+    c = trained_model(4, (component,))  # carries an adapter of its own, frozen like a release's
+    freeze_lora(getattr(c, component))
     load_handoff(c, read_handoff(tmp_path / "b"))
-    assert not frozen_lora_layers(c.dit)
-    for (n, p), (_, q) in zip(b.dit.state_dict().items(), c.dit.state_dict().items()):
+    assert not frozen_lora_layers(getattr(c, component))
+    for (n, p), (_, q) in zip(getattr(b, component).state_dict().items(), getattr(c, component).state_dict().items()):
         assert torch.equal(p, q), n
+    base = getattr(UAE.tiny(0), component).state_dict()
+    assert any(not torch.equal(t, base[n]) for n, t in getattr(c, component).state_dict().items())  # merged in
+    if component == "lvlm":  # the tied LM head is stored once and stays the embedding
+        assert c.lvlm.lm_head.weight is c.lvlm.language_model.embed_tokens.weight
+
+    # A later stage stacks its adapter on the full weights and hands both on, the weights hard-linked.
+    apply_lora(getattr(c, component), ["q_proj"] if component == "lvlm" else ["to_q"], rank=2, alpha=4.0)
+    d = save_handoff(tmp_path / "d", c, base=BASE, stage="next", run=tmp_path, step=1,
+                     inherited=read_handoff(tmp_path / "b"), trains=(f"{component}_adapter",))
+    assert getattr(d, f"{component}_adapters") == [f"{component}_adapter_0"]
+    assert os.path.samefile(h.folder / f"{component}.safetensors", d.folder / f"{component}.safetensors")
+    assert getattr(read_handoff(tmp_path / "d").inherited(), f"{component}_weights") == f"{component}.safetensors"
 
 
 def test_bad_folders_are_named(tmp_path):

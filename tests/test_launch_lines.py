@@ -23,6 +23,7 @@ import pytest
 import train.cold_start as cs
 import train.grpo_decoder as gd
 import train.grpo_encoder as ge
+import train.sft_captioner as sc
 import train.sft_decoder as sd
 from tests.fake_release import build_fake_release, save_tiny_clip
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
@@ -30,10 +31,10 @@ from tests.run_helpers import rows
 from train.data import procedural_scene
 
 ROOT = Path(__file__).resolve().parents[1]
-PIPELINE = [sd, cs, ge, gd]  # stage order: each stage's N-GPU line starts from the previous one's run
+PIPELINE = [sc, sd, cs, ge, gd]  # stage order: each stage's N-GPU line starts from the previous one's run
 CPU_SCALE = ["--steps", "2", "--save-every", "2", "--size", "64", "--device", "cpu"]
 CAPTION_CAP = {cs: ["--max-new-tokens", "24"], ge: ["--max-new-tokens", "24"], gd: ["--caption-tokens", "24"],
-               sd: []}
+               sd: [], sc: []}
 BATCH_OPTIONS = ("--images-per-step", "--batch-size")
 
 
@@ -93,7 +94,7 @@ def test_every_script_documents_its_release_lines():
         lines = launch_lines(script)
         assert [n for n, _ in lines] == [1, 8], script.__name__
         assert "--init" not in lines[0][1] or script is sd, script.__name__
-        if script is not sd:
+        if script is not PIPELINE[0]:
             prev = PIPELINE[PIPELINE.index(script) - 1].__name__.split(".")[-1]
             assert lines[1][1][lines[1][1].index("--init") + 1] == f"runs/{prev}", script.__name__
     # The paper's settings: two optimizer steps per sampling epoch (Flow-GRPO), and stage 2's rewards rendered as the
@@ -136,8 +137,11 @@ def test_multi_gpu_lines_run_as_the_pipeline(world):
         out = cwd / args[args.index("--out") + 1]
         assert [r["step"] for r in rows(out)] == [1, 2], script.__name__
     handoff = json.loads((cwd / "runs" / "grpo_decoder" / "step_00000002" / "model" / "handoff.json").read_text())
-    assert [s["stage"] for s in handoff["stages"]] == ["sft_decoder", "cold_start", "grpo_encoder", "grpo_decoder"]
-    assert handoff["dit_weights"] == "dit.safetensors" and handoff["base"]["uae"] == str(world / "ckpt" / "UAE")
+    assert [s["stage"] for s in handoff["stages"]] == ["sft_captioner", "sft_decoder", "cold_start", "grpo_encoder",
+                                                       "grpo_decoder"]
+    # Both full-parameter SFT stages' weights reach the last stage, on the release as the base.
+    assert (handoff["dit_weights"], handoff["lvlm_weights"]) == ("dit.safetensors", "lvlm.safetensors")
+    assert handoff["base"]["uae"] == str(world / "ckpt" / "UAE")
 
 
 def test_readme_pipeline_is_the_scripts_lines():

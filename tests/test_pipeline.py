@@ -1,6 +1,7 @@
-"""The Unified-GRPO pipeline as a user runs it, on the tiny preset: decoder SFT -> cold start -> GRPO on the captioner
--> Flow-GRPO on the decoder, each stage started with --init from the previous one's run folder, then Unified-Bench on
-the result (model/handoff.py, train/common.py build_uae / save_run_checkpoint, eval/model_args.py --run).
+"""The Unified-GRPO pipeline as a user runs it, on the tiny preset: decoder SFT -> captioner SFT -> cold start -> GRPO
+on the captioner -> Flow-GRPO on the decoder, each stage started with --init from the previous one's run folder, then
+Unified-Bench on the result (model/handoff.py, train/common.py build_uae / save_run_checkpoint, eval/model_args.py
+--run).
 
 What must hold: each stage's first forward equals the previous stage's last forward exactly (the handoff lost
 nothing); a stage's RL reference policy (its adapter off) is the model it started from; the eval tools load the run's
@@ -14,6 +15,7 @@ import torch
 import train.cold_start as cs
 import train.grpo_decoder as gd
 import train.grpo_encoder as ge
+import train.sft_captioner as sc
 import train.sft_decoder as sd
 from eval import unified_bench
 from eval.model_args import add_model_args, load_model
@@ -21,16 +23,18 @@ from model.handoff import base_identity, read_handoff
 from model.lora import lora_disabled, lora_layers
 from tests.fake_release import save_tiny_clip
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from tests.run_helpers import adapter, rows, without_time
+from tests.run_helpers import adapter, rows, run_stage, without_time
 from train.data import procedural_scene
 
 COMMON = ["--device", "cpu", "--steps", "2", "--save-every", "2", "--lora-rank", "4", "--lora-alpha", "8"]
 STAGES = [  # (script, its options on top of COMMON): small, and every stage trains something real in 2 steps
     (sd, ["--batch-size", "2", "--lr", "1e-2", "--size", "32"]),
+    (sc, ["--batch-size", "2", "--lr", "1e-2", "--size", "32"]),
     (cs, ["--batch-size", "2", "--sample-steps", "2", "--max-new-tokens", "6", "--lr", "1e-2", "--size", "32"]),
     (ge, ["--group-size", "4", "--max-new-tokens", "6", "--gen-steps", "2", "--lr", "1e-2", "--beta", "0.04"]),
     (gd, ["--group-size", "4", "--sample-steps", "3", "--lr", "1e-2", "--beta", "0.04", "--minibatches", "2"]),
 ]
+OPTIONS = dict(STAGES)
 
 
 @torch.no_grad()
@@ -41,43 +45,19 @@ def probe(uae) -> tuple[torch.Tensor, torch.Tensor]:
     return context, uae.velocity_fn(context)(x, torch.full((1,), 600.0))
 
 
-def run_stage(script, args) -> dict:
-    """Run a stage in-process; return its model (as the script built it), its probe at the first optimizer step
-    (before the update: what the first forward saw) and after the run (the last forward's model)."""
-    seen = {}
-    real_build = script.build_uae
-
-    def build(*a, **k):
-        seen["uae"], inherited = real_build(*a, **k)
-        return seen["uae"], inherited
-
-    class FirstStepProbe(torch.optim.AdamW):
-        def step(self, *a, **k):
-            if "first" not in seen:
-                seen["first"] = probe(seen["uae"])
-            return super().step(*a, **k)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(script, "build_uae", build)
-        mp.setattr(torch.optim, "AdamW", FirstStepProbe)
-        script.main(args)
-    seen["last"] = probe(seen["uae"])
-    return seen
-
-
 def assert_equal(a, b, what):
     for x, y, part in zip(a, b, ("LVLM + connector", "DiT")):
         assert torch.equal(x, y), f"{what}: {part} differs by {(x - y).abs().max().item():.3g}"
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-def test_four_stages_chain_and_the_bench_loads_the_result(tmp_path, dtype):
+def test_the_stages_chain_and_the_bench_loads_the_result(tmp_path, dtype):
     # bf16 too: the adapters stay unmerged and keep the dtype they trained in, so even there nothing is rounded.
     runs, previous = [], None
     for script, extra in STAGES:
         out = tmp_path / script.__name__.split(".")[-1]
         args = COMMON + extra + ["--dtype", dtype, "--out", str(out)] + (["--init", str(runs[-1])] if runs else [])
-        seen = run_stage(script, args)
+        seen = run_stage(script, args, probe)
         if previous is not None:
             assert_equal(seen["first"], previous["last"], f"{out.name} first forward vs the previous stage's last")
             # The stage's adapters did train: its last forward moved away from where it started.
@@ -123,29 +103,29 @@ def test_full_parameter_sft_hands_its_weights_on(tmp_path):
     # --lora-rank 0 trains every DiT weight; the next stage loads those weights (and the connector) exactly.
     sft = tmp_path / "sft"
     first = run_stage(sd, COMMON[:-4] + ["--lora-rank", "0", "--batch-size", "2", "--lr", "1e-3", "--size", "32",
-                                         "--out", str(sft)])
-    second = run_stage(cs, COMMON + STAGES[1][1] + ["--init", str(sft), "--out", str(tmp_path / "cold")])
+                                         "--out", str(sft)], probe)
+    second = run_stage(cs, COMMON + OPTIONS[cs] + ["--init", str(sft), "--out", str(tmp_path / "cold")], probe)
     assert_equal(second["first"], first["last"], "cold start after full-parameter SFT")
 
 
 def test_init_refuses_another_base_and_non_runs(tmp_path, monkeypatch):
     run = tmp_path / "sft"
-    sd.main(COMMON + STAGES[0][1] + ["--steps", "1", "--save-every", "1", "--out", str(run)])
+    sd.main(COMMON + OPTIONS[sd] + ["--steps", "1", "--save-every", "1", "--out", str(run)])
     monkeypatch.setattr(cs, "MetricsLogger", lambda *a, **k: pytest.fail("must fail before training"))
     with pytest.raises(ValueError, match=r"--seed \(of the tiny preset\): 0 there, 1 for this run"):
-        cs.main(COMMON + STAGES[1][1] + ["--seed", "1", "--init", str(run), "--out", str(tmp_path / "a")])
+        cs.main(COMMON + OPTIONS[cs] + ["--seed", "1", "--init", str(run), "--out", str(tmp_path / "a")])
     with pytest.raises(ValueError, match=r"--uae: None there, '.*nowhere' for this run"):
         read_handoff(run).check_base(base_identity(tiny_seed=0, uae=tmp_path / "nowhere"))
     with pytest.raises(Exception, match="holds no model/handoff.json"):
-        cs.main(COMMON + STAGES[1][1] + ["--init", str(tmp_path), "--out", str(tmp_path / "b")])
+        cs.main(COMMON + OPTIONS[cs] + ["--init", str(tmp_path), "--out", str(tmp_path / "b")])
     with pytest.raises(ValueError, match="--init .*missing: no such file or folder"):
-        cs.main(COMMON + STAGES[1][1] + ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
+        cs.main(COMMON + OPTIONS[cs] + ["--init", str(tmp_path / "missing"), "--out", str(tmp_path / "c")])
 
 
 def test_resume_of_a_stage_started_with_init(tmp_path):
     # The resumed run rebuilds its inherited stack from its own checkpoint and continues exactly.
-    sd.main(COMMON + STAGES[0][1] + ["--out", str(tmp_path / "sft")])
-    args = COMMON + STAGES[2][1] + ["--init", str(tmp_path / "sft"), "--save-every", "1"]
+    sd.main(COMMON + OPTIONS[sd] + ["--out", str(tmp_path / "sft")])
+    args = COMMON + OPTIONS[ge] + ["--init", str(tmp_path / "sft"), "--save-every", "1"]
     ge.main(args + ["--steps", "3", "--out", str(tmp_path / "full")])
     ge.main(args + ["--steps", "1", "--out", str(tmp_path / "part")])
     ge.main(args + ["--steps", "3", "--out", str(tmp_path / "part"), "--resume"])

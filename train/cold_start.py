@@ -14,7 +14,8 @@ Launch:
     torchrun --nproc_per_node=1 train/cold_start.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
         --data data/images/ --dtype bf16 --size 512 --sample-steps 10 --guidance-scale 5 --lr 1e-4 --batch-size 1 \
         --grad-checkpointing --steps 1000 --out runs/cold_start
-    # 8 GPUs, as the pipeline's stage 1: starting from the decoder's long-caption SFT run (stage 0) with --init
+    # 8 GPUs, as the pipeline's stage 1: starting from the SFT stages' result (the captioner's run, which holds the
+    # decoder's too) with --init
     torchrun --nproc_per_node=8 train/cold_start.py --uae ckpt/UAE --init runs/sft_decoder \
         --clip ckpt/clip-vit-large-patch14 --data data/images/ --dtype bf16 --size 512 --sample-steps 10 \
         --guidance-scale 5 --lr 1e-4 --batch-size 8 --grad-checkpointing --steps 1000 --out runs/cold_start

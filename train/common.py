@@ -134,7 +134,7 @@ class RunOptions:
         require(self.steps >= 1, f"--steps must be >= 1, got {self.steps}")
         require(self.size >= 16 and self.size % 16 == 0,
                 f"--size must be a positive multiple of 16 (VAE factor 8 x DiT patch 2), got {self.size}")
-        require(finite(self.lr) and self.lr > 0, f"--lr must be a positive number, got {self.lr}")
+        require(finite(self.lr) and self.lr >= 0, f"--lr must be >= 0 (0: a control run), got {self.lr}")
         require(finite(self.weight_decay) and self.weight_decay >= 0,
                 f"--weight-decay must be >= 0, got {self.weight_decay}")
         require(finite(self.grad_clip) and self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")

@@ -7,7 +7,7 @@ and reconstruction. Token-level clipped objective with the k3 KL to the referenc
     J = 1/G sum_i 1/|o_i| sum_t [min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) - beta KL_t]
 
 Per-token log-probs of the policy, the old policy and the reference all come from one code path
-(`caption_logprobs`: forward_hidden -> `lvlm.token_logprobs`), where the fused log-prob kernel plugs in.
+(`UAE.caption_logprobs`: forward_hidden -> `lvlm.token_logprobs`), where the fused log-prob kernel plugs in.
 
 The reference policy is the model this stage started from (the new adapter off, every earlier adapter on); its
 forward runs only when beta > 0 (TRL's GRPOTrainer skips the reference model at beta 0 too).
@@ -108,19 +108,6 @@ RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lor
                            "lora_targets", "seed")
 
 
-def caption_logprobs(uae, inputs, tokens, mask, temperature):
-    """Per-token log-probs [B, N] of caption `tokens` given the image prompt `inputs` under the current LVLM
-    (adapters as they are set), computed in the one code path GRPO uses for policy, old policy and reference."""
-    prompt_len = inputs["input_ids"].shape[1]
-    ids = torch.cat([inputs["input_ids"], tokens.masked_fill(~mask, uae.processor.pad_token_id)], dim=1)
-    attn = torch.cat([inputs["attention_mask"], mask.long()], dim=1)
-    hidden = uae.lvlm.forward_hidden(ids, attention_mask=attn, pixel_values=inputs["pixel_values"],
-                                     image_grid_thw=inputs["image_grid_thw"], pad_states=False)
-    # Position p predicts token p+1: the caption's N tokens are predicted from positions prompt_len-1 ... +N-2.
-    h = hidden[:, prompt_len - 1: prompt_len - 1 + tokens.shape[1]]
-    return uae.lvlm.token_logprobs(h, tokens, temperature=temperature)
-
-
 def main(argv: list[str] | None = None) -> dict:
     o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
     d = init_distributed(o.device)
@@ -201,13 +188,13 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 3. Old-policy (and, with beta > 0, reference) log-probs through the same path, then the clipped update.
         with torch.no_grad():
-            old_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+            old_logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
             ref_logp = None
             if o.beta > 0:
                 with lora_disabled(uae.lvlm):
-                    ref_logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+                    ref_logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
         opt.zero_grad(set_to_none=True)
-        logp = caption_logprobs(uae, inputs, tokens, masks, o.temperature)
+        logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
         loss, st = grpo_loss(logp, old_logp, ref_logp, advantages, masks, o.clip_eps, o.beta, reduction=o.loss_norm)
         loss.backward()
         average_gradients(params)

@@ -19,8 +19,9 @@ Launch:
     torchrun --nproc_per_node=1 train/sft_decoder.py --uae ckpt/UAE --data data/pairs.jsonl --dtype bf16 \
         --size 1024 --batch-size 2 --lora-rank 64 --grad-checkpointing --steps 1000 --out runs/sft_decoder
     # 8 GPUs, full-parameter SFT of the 8B decoder sharded with FSDP2 (the pipeline's stage 0)
-    torchrun --nproc_per_node=8 train/sft_decoder.py --uae ckpt/UAE --data data/pairs.jsonl --dtype bf16 \
-        --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --steps 1000 --out runs/sft_decoder
+    torchrun --nproc_per_node=8 train/sft_decoder.py --uae ckpt/UAE --init runs/sft_captioner --data data/pairs.jsonl \
+        --dtype bf16 --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --steps 1000 \
+        --out runs/sft_decoder
     # resume: the same command with --resume
 """
 from __future__ import annotations

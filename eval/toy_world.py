@@ -1,0 +1,529 @@
+"""The toy world: UAE's pipeline end to end on procedural scenes with exact ground truth, on a CPU.
+
+    python -m eval.toy_world --out runs/toy_world            # prepare the world (cached), run the pipeline, report
+    python -m eval.toy_world --out /tmp/toy_world --quick    # a shortened run (what the tests run)
+
+A scene is a background and 1-3 objects (colour, shape, size, cell of a 3x3 grid; train/world.py); its captions
+exist at five detail levels and a parser maps any caption back to the attributes it states, so a caption's precision
+and recall against the true scene are exact. The world's models are trained here with the project's own code and
+saved in the official layouts (train/world_models.py): a VAE (autoencoder), a CLIP trained contrastively (the frozen
+reward and benchmark backbone), a byte-level BPE tokenizer with the Qwen chat tokens, then a captioner
+(train/sft_captioner.py, full-parameter, on a MIX of detail levels, so the starting policy sometimes says more) and
+a decoder (train/sft_decoder.py, full-parameter, on full-detail captions). The result is the pipeline's start.
+
+The pipeline, per seed, with the same scripts as the real models: cold start -> GRPO on the captioner -> Flow-GRPO
+on the decoder; plus two stage-2 controls on the first seed (lr 0: must stay flat; token_mean loss normalisation:
+must rise too, so the gain is not a length bias of the per-sequence mean). After every stage the model is evaluated
+on held-out scenes, Unified-Bench style: greedy caption -> regenerate -> cosine of the world CLIP's image features
+(recon_score, with its standard error over images), caption length and attribute precision / recall / F1; and the
+decoder alone, from the ground-truth full captions: recon_score_fixed and attribute_accuracy (is each object's colour
+present in its cell of the generated image: a GenEval in miniature). Floor: the empty caption; ceiling: the
+ground-truth full caption, both through the start decoder and the last stage's.
+
+Writes DIR/report.json ({"stages": [...], "floor": ..., "ceiling": ..., "targets": ...}), DIR/report.html (tables,
+reward curves, source / reconstruction grids and captions before and after) and the runs under DIR/runs/. The world
+lives in DIR/world/ (or --world): reused when its recorded settings match, rebuilt with --rebuild, else an error.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import html
+import json
+import math
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+
+from eval.cli import HelpFormatter, write_json, write_text
+
+WORLD_VERSION = 1  # bump when train/world.py or train/world_models.py change what a prepared world holds
+SIZE = 64  # image size of the world, in pixels
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Every size and step count of a toy-world run; --quick takes QUICK."""
+    world_seed: int = 0
+    seeds: tuple[int, ...] = (0, 1, 2)
+    n_train: int = 4000
+    n_heldout: int = 64
+    # Measured alone on 2 cores: captioner SFT ~0.85 s/step at batch 32, decoder SFT ~0.5 s/step, cold start ~0.9
+    # s/step, GRPO on the captioner ~5.6 s/step (2 images x G 8, 40 tokens), Flow-GRPO ~3.3 s/step (2 x 8, 8 steps).
+    captioner_steps: int = 400
+    captioner_batch: int = 32
+    captioner_lr: float = 2e-3
+    decoder_steps: int = 600
+    decoder_batch: int = 32
+    decoder_lr: float = 1e-3
+    caption_tokens: int = 40  # a full-detail caption of 3 objects is at most 31 world tokens
+    sample_steps: int = 8
+    guidance_scale: float = 3.0
+    cold_start_steps: int = 20
+    cold_start_lr: float = 1e-4
+    encoder_steps: int = 24
+    encoder_group: int = 8
+    encoder_images: int = 2
+    encoder_lr: float = 5e-4
+    decoder_rl_steps: int = 16
+    decoder_rl_group: int = 8
+    decoder_rl_images: int = 2
+    decoder_rl_lr: float = 3e-4
+    lora_rank: int = 16
+    controls: bool = True
+    quick_world: bool = False
+
+    def world_settings(self) -> dict:
+        """What the prepared world depends on: a world prepared with other values is not this one."""
+        keys = ("world_seed", "n_train", "n_heldout", "captioner_steps", "captioner_batch", "captioner_lr",
+                "decoder_steps", "decoder_batch", "decoder_lr", "quick_world")
+        return {"version": WORLD_VERSION, "size": SIZE, **{k: getattr(self, k) for k in keys}}
+
+
+QUICK = Plan(seeds=(0,), n_train=32, n_heldout=4, captioner_steps=2, captioner_batch=4, decoder_steps=2,
+             decoder_batch=4, caption_tokens=12, sample_steps=2, cold_start_steps=1, encoder_steps=2, encoder_group=2,
+             encoder_images=1, decoder_rl_steps=2, decoder_rl_group=2, decoder_rl_images=1, lora_rank=4,
+             controls=False, quick_world=True)
+
+
+# ----------------------------------------------------------------------------------------------- the world
+
+@dataclass
+class World:
+    folder: Path
+
+    @property
+    def base(self) -> Path:
+        return self.folder / "base"
+
+    def base_args(self) -> list[str]:
+        """The world's base model as the training scripts' plain parts."""
+        b = self.base
+        return ["--lvlm", str(b / "lvlm"), "--sd3", str(b / "sd3"), "--connector", str(b / "connector.safetensors"),
+                "--pooled", str(b / "pooled.safetensors"), "--size", str(SIZE), "--device", "cpu"]
+
+    @property
+    def clip(self) -> Path:
+        return self.base / "clip"
+
+    def write_train_args(self) -> Path:
+        """`train.args`: the options that put a training script on the world (its base, its start, its reward and
+        data), for `torchrun train/grpo_decoder.py $(cat WORLD/train.args)` (the README)."""
+        args = self.base_args() + ["--init", str(self.start), "--clip", str(self.clip),
+                                   "--data", str(self.data("train_full"))]
+        path = self.folder / "train.args"
+        write_text(path, " ".join(args) + "\n")
+        return path
+
+    def data(self, name: str) -> Path:
+        return self.folder / "data" / name / "data.jsonl"
+
+    @property
+    def start(self) -> Path:
+        """The pipeline's start: the decoder SFT run (on top of the captioner SFT run)."""
+        return self.folder / "runs" / "sft_decoder"
+
+
+def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
+    """The world's data and models in `folder`, built once: a folder whose world.json matches the plan is reused;
+    one that does not is rebuilt with `rebuild`, else an error (a world is never silently mixed with another's)."""
+    from train import sft_captioner, sft_decoder, world, world_models
+
+    settings = plan.world_settings()
+    marker = folder / "world.json"
+    if marker.is_file():
+        found = json.loads(marker.read_text())
+        if found.get("settings") == settings:
+            print(f"toy world: using the prepared world in {folder}", flush=True)
+            World(folder).write_train_args()
+            return World(folder)
+        if not rebuild:
+            diff = {k: (found.get("settings", {}).get(k), v) for k, v in settings.items()
+                    if found.get("settings", {}).get(k) != v}
+            raise SystemExit(f"error: {folder} holds a world prepared with other settings ({diff}: there vs now); "
+                             "pass --rebuild to replace it or --world to use another folder")
+    elif folder.exists() and any(folder.iterdir()) and not rebuild:
+        raise SystemExit(f"error: {folder} is not empty and holds no finished world (world.json); pass --rebuild to "
+                         "replace it")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    w, times = World(folder), {}
+    t = time.perf_counter()
+    train = world.scenes("train", plan.n_train, plan.world_seed)
+    world.write_split(folder / "data" / "train_mix", train, SIZE, levels=list(range(world.LEVELS)),
+                      seed=plan.world_seed)
+    world.write_split(folder / "data" / "train_full", train, SIZE, levels=world.LEVELS - 1, seed=plan.world_seed)
+    world.write_split(folder / "data" / "heldout", world.scenes("heldout", plan.n_heldout, plan.world_seed), SIZE,
+                      levels=world.LEVELS - 1, seed=plan.world_seed)
+    times["data_s"] = time.perf_counter() - t
+    print("toy world: training the VAE and the CLIP ...", flush=True)
+    measured = world_models.prepare_base(w.base, plan.world_seed, quick=plan.quick_world)
+    t = time.perf_counter()
+    print("toy world: training the captioner (train/sft_captioner.py) ...", flush=True)
+    sft_captioner.main(w.base_args() + [
+        "--data", str(w.data("train_mix")), "--lora-rank", "0", "--batch-size", str(plan.captioner_batch),
+        "--lr", str(plan.captioner_lr), "--steps", str(plan.captioner_steps), "--save-every",
+        str(plan.captioner_steps), "--seed", str(plan.world_seed), "--out", str(folder / "runs" / "sft_captioner")])
+    times["captioner_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    print("toy world: training the decoder (train/sft_decoder.py) ...", flush=True)
+    sft_decoder.main(w.base_args() + [
+        "--init", str(folder / "runs" / "sft_captioner"), "--data", str(w.data("train_full")), "--lora-rank", "0",
+        "--batch-size", str(plan.decoder_batch), "--lr", str(plan.decoder_lr), "--steps", str(plan.decoder_steps),
+        "--save-every", str(plan.decoder_steps), "--seed", str(plan.world_seed), "--out", str(w.start)])
+    times["decoder_s"] = time.perf_counter() - t
+    w.write_train_args()
+    write_json(marker, {"settings": settings, "measured": {**measured, **times}})
+    return w
+
+
+# ----------------------------------------------------------------------------------------------- the pipeline
+
+def run_pipeline(w: World, plan: Plan, runs: Path, seed: int, stage2_variant: str = "") -> dict[str, Path]:
+    """cold start -> GRPO on the captioner -> Flow-GRPO on the decoder from the world's start, with the training
+    scripts; each stage starts from the previous one (--init). `stage2_variant` 'lr0' or 'token_mean' runs only
+    the control of stage 2 (from this seed's cold start). Returns each stage's run folder."""
+    from train import cold_start, grpo_decoder, grpo_encoder
+
+    common = w.base_args() + ["--clip", str(w.clip), "--seed", str(seed), "--overwrite",
+                              "--lora-rank", str(plan.lora_rank), "--lora-alpha", str(2 * plan.lora_rank)]
+    out = runs / f"seed{seed}"
+    stages = {"cold_start": out / "cold_start"}
+    if not stage2_variant:
+        cold_start.main(common + [
+            "--init", str(w.start), "--data", str(w.data("train_full")), "--batch-size", "2",
+            "--sample-steps", str(plan.sample_steps), "--grad-last-k", "1", "--guidance-scale",
+            str(plan.guidance_scale), "--max-new-tokens", str(plan.caption_tokens), "--lr", str(plan.cold_start_lr),
+            "--steps", str(plan.cold_start_steps), "--save-every", str(plan.cold_start_steps),
+            "--out", str(stages["cold_start"])])
+    name = "grpo_encoder" + (f"_{stage2_variant}" if stage2_variant else "")
+    stages["grpo_encoder"] = out / name
+    lr = 0.0 if stage2_variant == "lr0" else plan.encoder_lr
+    grpo_encoder.main(common + [
+        "--init", str(stages["cold_start"]), "--data", str(w.data("train_full")), "--images-per-step",
+        str(plan.encoder_images), "--group-size", str(plan.encoder_group), "--max-new-tokens",
+        str(plan.caption_tokens), "--gen-steps", str(plan.sample_steps), "--guidance-scale", str(plan.guidance_scale),
+        "--render-noise", "group", "--temperature", "1.0", "--lr", str(lr), "--steps", str(plan.encoder_steps),
+        "--save-every", str(plan.encoder_steps), "--loss-norm",
+        "token_mean" if stage2_variant == "token_mean" else "sequence_mean", "--out", str(stages["grpo_encoder"])])
+    if stage2_variant:
+        return {name: stages["grpo_encoder"]}
+    stages["grpo_decoder"] = out / "grpo_decoder"
+    grpo_decoder.main(common + [
+        "--init", str(stages["grpo_encoder"]), "--data", str(w.data("train_full")), "--images-per-step",
+        str(plan.decoder_rl_images), "--group-size", str(plan.decoder_rl_group), "--sample-steps",
+        str(plan.sample_steps), "--guidance-scale", str(plan.guidance_scale), "--caption-tokens",
+        str(plan.caption_tokens), "--caption-temperature", "0", "--lr", str(plan.decoder_rl_lr),
+        "--steps", str(plan.decoder_rl_steps), "--save-every", str(plan.decoder_rl_steps),
+        "--out", str(stages["grpo_decoder"])])
+    return stages
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+class Evaluator:
+    """Unified-Bench on the world's held-out scenes, with exact caption scores (the module docstring)."""
+
+    def __init__(self, w: World, plan: Plan):
+        from eval.reward import ReconstructionReward, clip_backbone
+        from model.clip import CLIP
+        from train import world
+
+        self.w, self.plan = w, plan
+        self.scenes = world.read_scenes(w.folder / "data" / "heldout")
+        self.sources = [world.render(s, SIZE) for s in self.scenes]
+        self.full_captions = [world.describe(s, world.LEVELS - 1) for s in self.scenes]
+        self.reward = ReconstructionReward(clip_backbone(CLIP.from_pretrained(w.clip, dtype=torch.float32)))
+        self.source_features = self.reward.source_features(self.sources)
+
+    def model(self, run: Path | None):
+        from model.handoff import load_handoff, read_handoff
+        from model.uae import UAE
+
+        b = self.w.base
+        uae = UAE.from_pretrained(lvlm=b / "lvlm", sd3=b / "sd3", connector=b / "connector.safetensors",
+                                  pooled=b / "pooled.safetensors", dtype=torch.float32)
+        if run is not None:
+            load_handoff(uae, read_handoff(run), ema=True)
+        return uae.eval()
+
+    @torch.no_grad()
+    def render(self, uae, captions: list[str]) -> list[Image.Image]:
+        """The decoder's images of `captions`, image i from the noise of seed i whatever the batch."""
+        out = []
+        for i, caption in enumerate(captions):
+            out += uae.generate([caption], SIZE, SIZE, self.plan.sample_steps, self.plan.guidance_scale,
+                                torch.Generator().manual_seed(10_000 + i))
+        return out
+
+    def scores(self, images: list[Image.Image]) -> tuple[float, float, list[float]]:
+        s = self.reward(None, images, source_features=self.source_features).tolist()
+        return mean(s), stderr(s), s
+
+    @torch.no_grad()
+    def stage(self, run: Path | None) -> dict:
+        from train import world
+
+        uae = self.model(run)
+        captions = uae.caption(self.sources, max_new_tokens=self.plan.caption_tokens, do_sample=False)
+        recon = self.render(uae, captions)
+        score, err, _ = self.scores(recon)
+        caption_scores = [world.score_caption(c, s) for c, s in zip(captions, self.scenes)]
+        fixed = self.render(uae, self.full_captions)
+        fixed_score, fixed_err, _ = self.scores(fixed)
+        return {
+            "recon_score": score, "recon_stderr": err,
+            "caption_len": mean([len(c.split()) for c in captions]),
+            "caption_recall": mean([c["recall"] for c in caption_scores]),
+            "caption_precision": mean([c["precision"] for c in caption_scores]),
+            "caption_f1": mean([c["f1"] for c in caption_scores]),
+            "recon_score_fixed": fixed_score, "recon_stderr_fixed": fixed_err,
+            "attribute_accuracy": mean([world.attribute_accuracy(im, s) for im, s in zip(fixed, self.scenes)]),
+            "captions": captions, "_recon": recon,
+        }
+
+    @torch.no_grad()
+    def bounds(self, run: Path) -> dict:
+        """Floor (the empty caption) and ceiling (the ground-truth full caption) through the decoder of `run`."""
+        uae = self.model(run)
+        floor, floor_err, _ = self.scores(self.render(uae, [""] * len(self.scenes)))
+        ceiling, ceiling_err, _ = self.scores(self.render(uae, self.full_captions))
+        return {"floor": {"recon_score": floor, "recon_stderr": floor_err},
+                "ceiling": {"recon_score": ceiling, "recon_stderr": ceiling_err}}
+
+
+def mean(xs: list[float]) -> float:
+    return sum(xs) / len(xs) if xs else float("nan")
+
+
+def stderr(xs: list[float]) -> float:
+    if len(xs) < 2:
+        return float("nan")
+    m = mean(xs)
+    return math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1) / len(xs))
+
+
+# ----------------------------------------------------------------------------------------------- targets
+
+def check_targets(rows: list[dict], controls: dict) -> list[dict]:
+    """The issue's targets, each with the measured values and whether it is met (the report says a miss plainly)."""
+    by = {(r["stage"], r["seed"]): r for r in rows}
+    seeds = sorted({r["seed"] for r in rows})
+    out = []
+
+    def add(name, goal, values, met):
+        out.append({"target": name, "goal": goal, "measured": values, "met": bool(met)})
+
+    def pairs(a, b):
+        return [(by[(a, s)], by[(b, s)]) for s in seeds if (a, s) in by and (b, s) in by]
+
+    p = pairs("cold_start", "grpo_encoder")
+    add("stage 2: caption recall", "+0.2 absolute on every seed",
+        [round(b["caption_recall"] - a["caption_recall"], 4) for a, b in p],
+        p and all(b["caption_recall"] - a["caption_recall"] >= 0.2 for a, b in p))
+    add("stage 2: caption length", ">= 1.5x on every seed",
+        [round(b["caption_len"] / max(a["caption_len"], 1e-9), 3) for a, b in p],
+        p and all(b["caption_len"] >= 1.5 * a["caption_len"] for a, b in p))
+    add("stage 2: reconstruction score", "up by > 3 standard errors on every seed",
+        [round((b["recon_score"] - a["recon_score"]) / _joint_err(a, b, ""), 2) for a, b in p],
+        p and all(b["recon_score"] - a["recon_score"] > 3 * _joint_err(a, b, "") for a, b in p))
+    if "lr0" in controls:
+        a, c = by.get(("cold_start", seeds[0])), controls["lr0"]
+        moved = abs(c["recon_score"] - a["recon_score"]) if a else float("nan")
+        add("stage 2 control lr 0: flat", "reconstruction score within 3 standard errors of the cold start",
+            round(moved / _joint_err(a, c, ""), 2) if a else None, a and moved <= 3 * _joint_err(a, c, ""))
+    if "token_mean" in controls:
+        a, c = by.get(("cold_start", seeds[0])), controls["token_mean"]
+        add("stage 2 token_mean: rises", "reconstruction score up by > 3 standard errors",
+            round((c["recon_score"] - a["recon_score"]) / _joint_err(a, c, ""), 2) if a else None,
+            a and c["recon_score"] - a["recon_score"] > 3 * _joint_err(a, c, ""))
+    p = pairs("grpo_encoder", "grpo_decoder")
+    add("stage 3: reconstruction score with fixed captions", "up by > 3 standard errors on every seed",
+        [round((b["recon_score_fixed"] - a["recon_score_fixed"]) / _joint_err(a, b, "_fixed"), 2) for a, b in p],
+        p and all(b["recon_score_fixed"] - a["recon_score_fixed"] > 3 * _joint_err(a, b, "_fixed") for a, b in p))
+    add("stage 3: attribute accuracy", "up on every seed",
+        [round(b["attribute_accuracy"] - a["attribute_accuracy"], 4) for a, b in p],
+        p and all(b["attribute_accuracy"] > a["attribute_accuracy"] for a, b in p))
+    return out
+
+
+def _joint_err(a: dict, b: dict, suffix: str) -> float:
+    return math.sqrt(a[f"recon_stderr{suffix}"] ** 2 + b[f"recon_stderr{suffix}"] ** 2) or 1e-12
+
+
+# ----------------------------------------------------------------------------------------------- report
+
+def line_plot(series: dict[str, list[float]], title: str, path: Path, width: int = 480, height: int = 240) -> None:
+    """A line chart with pillow: one polyline per series over its step index, y range from the data."""
+    colours = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189), (140, 86, 75)]
+    im = Image.new("RGB", (width, height), "white")
+    d = ImageDraw.Draw(im)
+    left, right, top, bottom = 50, width - 10, 20, height - 25
+    values = [v for ys in series.values() for v in ys if math.isfinite(v)]
+    lo, hi = (min(values), max(values)) if values else (0.0, 1.0)
+    hi = hi if hi > lo else lo + 1e-6
+    d.rectangle((left, top, right, bottom), outline=(160, 160, 160))
+    d.text((left, 3), title, fill="black")
+    d.text((2, top), f"{hi:.3f}", fill="black")
+    d.text((2, bottom - 10), f"{lo:.3f}", fill="black")
+    for k, (name, ys) in enumerate(series.items()):
+        n = max(len(ys) - 1, 1)
+        pts = [(left + (right - left) * i / n, bottom - (bottom - top) * (y - lo) / (hi - lo))
+               for i, y in enumerate(ys) if math.isfinite(y)]
+        colour = colours[k % len(colours)]
+        if len(pts) > 1:
+            d.line(pts, fill=colour, width=2)
+        d.text((left + 5 + 110 * k, bottom + 6), name, fill=colour)
+    im.save(path)
+
+
+def image_grid(rows: list[list[Image.Image]], path: Path, cell: int = SIZE) -> None:
+    grid = Image.new("RGB", (cell * max(len(r) for r in rows), cell * len(rows)), "white")
+    for y, row in enumerate(rows):
+        for x, im in enumerate(row):
+            grid.paste(im.resize((cell, cell)), (x * cell, y * cell))
+    grid.save(path)
+
+
+def reward_series(run: Path) -> list[float]:
+    path = run / "metrics.jsonl"
+    if not path.is_file():
+        return []
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    key = "reward_mean" if rows and "reward_mean" in rows[0] else "similarity"
+    return [float(r.get(key, float("nan"))) for r in rows]
+
+
+def write_report(out: Path, report: dict, ev: Evaluator, grids: dict, runs: dict) -> None:
+    figures = out / "figures"
+    figures.mkdir(exist_ok=True)
+    for stage in ("cold_start", "grpo_encoder", "grpo_decoder"):
+        series = {f"seed {s}": reward_series(r[stage]) for s, r in runs.items() if stage in r}
+        series.update({f"{k} (seed {min(runs)})": reward_series(p) for k, p in report.get("_control_runs", {}).items()
+                       if stage == "grpo_encoder"})
+        line_plot(series, f"{stage}: reward per step", figures / f"reward_{stage}.png")
+    for name, rows in grids.items():
+        image_grid(rows, figures / f"grid_{name}.png")
+    public = {k: v for k, v in report.items() if not k.startswith("_")}
+    write_json(out / "report.json", public)
+
+    def cell(v):
+        return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
+
+    cols = ["stage", "seed", "recon_score", "recon_stderr", "caption_len", "caption_precision", "caption_recall",
+            "caption_f1", "recon_score_fixed", "attribute_accuracy"]
+    body = ["<h1>UAE on the toy world</h1>", f"<p>{html.escape(report['summary'])}</p>", "<h2>Targets</h2>",
+            "<table><tr><th>target</th><th>goal</th><th>measured</th><th>met</th></tr>"]
+    for t in report["targets"]:
+        body.append(f"<tr><td>{cell(t['target'])}</td><td>{cell(t['goal'])}</td><td>{cell(t['measured'])}</td>"
+                    f"<td>{'yes' if t['met'] else '<b>MISSED</b>'}</td></tr>")
+    body.append("</table><h2>Stages (held-out scenes)</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in cols)
+                + "</tr>")
+    shown = ([{"stage": "ceiling (ground-truth caption)", **report["ceiling"]}] + report["stages"]
+             + [{"stage": f"control {k}", **v} for k, v in report["controls"].items()]
+             + [{"stage": "floor (empty caption)", **report["floor"]}])
+    for r in shown:
+        body.append("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>")
+    body.append("</table><h2>Reward curves</h2>")
+    body += [f'<img src="figures/reward_{s}.png">' for s in ("cold_start", "grpo_encoder", "grpo_decoder")]
+    body.append("<h2>Sources and reconstructions (held-out, first seed)</h2><p>rows: source, then each stage's "
+                "regeneration from its own caption</p>")
+    body += [f'<p>{html.escape(name)}</p><img src="figures/grid_{name}.png">' for name in grids]
+    body.append("<h2>Captions (held-out, first seed)</h2><table><tr><th>truth</th><th>start</th><th>after stage "
+                "2</th></tr>")
+    for truth, before, after in report["_sample_captions"]:
+        body.append(f"<tr><td>{cell(truth)}</td><td>{cell(before)}</td><td>{cell(after)}</td></tr>")
+    body.append("</table>")
+    style = "<style>body{font-family:sans-serif}td,th{border:1px solid #ccc;padding:2px 6px;font-size:13px}</style>"
+    write_text(out / "report.html", f"<html><head><meta charset='utf-8'>{style}</head><body>"
+               + "\n".join(body) + "</body></html>\n")
+
+
+# ----------------------------------------------------------------------------------------------- main
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(prog="python -m eval.toy_world", description=__doc__.split("\n\n")[0],
+                                formatter_class=HelpFormatter)
+    p.add_argument("--out", required=True, help="report folder: report.json, report.html, figures/, runs/")
+    p.add_argument("--world", default=None, help="folder of the prepared world (default: OUT/world)")
+    p.add_argument("--quick", action="store_true", help="a shortened run: tiny world training, one seed, a few "
+                                                        "steps per stage (for tests; the targets are not expected)")
+    p.add_argument("--rebuild", action="store_true", help="rebuild a world prepared with other settings")
+    p.add_argument("--seeds", default=None, help="comma-separated pipeline seeds (default: 0,1,2; --quick: 0)")
+    p.add_argument("--no-controls", action="store_true", help="skip the two stage-2 control runs")
+    a = p.parse_args(argv)
+    plan = QUICK if a.quick else Plan()
+    if a.seeds is not None:
+        try:
+            seeds = tuple(int(s) for s in a.seeds.split(",") if s.strip())
+        except ValueError:
+            p.error(f"argument --seeds: expected comma-separated integers, got {a.seeds!r}")
+        if not seeds or min(seeds) < 0:
+            p.error(f"argument --seeds: expected non-negative integers, got {a.seeds!r}")
+        plan = dataclasses.replace(plan, seeds=seeds)
+    if a.no_controls:
+        plan = dataclasses.replace(plan, controls=False)
+    out = Path(a.out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.set_num_threads(max(torch.get_num_threads(), 1))
+
+    t0 = time.perf_counter()
+    w = prepare_world(Path(a.world) if a.world else out / "world", plan, a.rebuild)
+    prepare_s = time.perf_counter() - t0
+    ev = Evaluator(w, plan)
+    t1 = time.perf_counter()
+    rows, runs, controls, control_runs = [], {}, {}, {}
+    start = ev.stage(w.start)
+    recon_rows = {"source": ev.sources[:8], "start": start.pop("_recon")[:8]}
+    for seed in plan.seeds:
+        rows.append({"stage": "start", "seed": seed, **{k: v for k, v in start.items() if k != "captions"}})
+        runs[seed] = run_pipeline(w, plan, out / "runs", seed)
+        for stage, run in runs[seed].items():
+            r = ev.stage(run)
+            recon = r.pop("_recon")
+            if seed == plan.seeds[0]:
+                recon_rows[stage] = recon[:8]
+                if stage == "grpo_encoder":
+                    after_captions = r["captions"]
+            rows.append({"stage": stage, "seed": seed, **{k: v for k, v in r.items() if k != "captions"}})
+    if plan.controls:
+        for variant in ("lr0", "token_mean"):
+            run = run_pipeline(w, plan, out / "runs", plan.seeds[0], stage2_variant=variant)
+            control_runs[variant] = next(iter(run.values()))
+            r = ev.stage(control_runs[variant])
+            r.pop("_recon")
+            controls[variant] = {k: v for k, v in r.items() if k != "captions"}
+    last = runs[plan.seeds[0]]["grpo_decoder"]
+    bounds_start, bounds_last = ev.bounds(w.start), ev.bounds(last)
+    pipeline_s = time.perf_counter() - t1
+    targets = check_targets(rows, controls)
+    missed = [t["target"] for t in targets if not t["met"]]
+    report = {
+        "stages": rows, "controls": controls,
+        "floor": {**bounds_start["floor"], "decoder": "start",
+                  "final_decoder": bounds_last["floor"]},
+        "ceiling": {**bounds_last["ceiling"], "decoder": "grpo_decoder",
+                    "start_decoder": bounds_start["ceiling"]},
+        "targets": targets, "plan": dataclasses.asdict(plan),
+        "timing_s": {"prepare": round(prepare_s, 1), "pipeline_and_report": None},
+        "world": json.loads((w.folder / "world.json").read_text()),
+        "summary": ("every target met" if not missed else f"MISSED: {'; '.join(missed)}")
+                   + (" (a --quick run: the targets are not expected)" if a.quick else ""),
+        "_sample_captions": list(zip(ev.full_captions[:8], start["captions"][:8], after_captions[:8])),
+        "_control_runs": control_runs,
+    }
+    report["timing_s"]["pipeline_and_report"] = round(time.perf_counter() - t1, 1)
+    report["timing_s"]["pipeline"] = round(pipeline_s, 1)
+    write_report(out, report, ev, {"reconstructions": list(recon_rows.values())}, runs)
+    print(f"toy world: {report['summary']}; report in {out / 'report.html'}", flush=True)
+    return report
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

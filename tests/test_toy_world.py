@@ -1,0 +1,77 @@
+"""eval/toy_world.py: the shortened run end to end (world preparation, the pipeline with the training scripts,
+evaluation on held-out scenes, report), the world cache, and the targets' bookkeeping."""
+import json
+import math
+
+import pytest
+
+from eval import toy_world
+from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
+
+
+@pytest.fixture(scope="module")
+def quick_report(tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy")
+    return out, toy_world.main(["--out", str(out), "--quick"])
+
+
+def test_quick_run_writes_the_report(quick_report):
+    out, report = quick_report
+    saved = json.loads((out / "report.json").read_text())
+    assert [(r["stage"], r["seed"]) for r in saved["stages"]] == [
+        ("start", 0), ("cold_start", 0), ("grpo_encoder", 0), ("grpo_decoder", 0)]
+    for row in saved["stages"]:
+        for key in ("recon_score", "recon_stderr", "caption_len", "caption_recall", "caption_precision",
+                    "caption_f1", "recon_score_fixed", "attribute_accuracy"):
+            assert math.isfinite(row[key]), (row["stage"], key)
+        assert -1 <= row["recon_score"] <= 1 and 0 <= row["caption_recall"] <= 1
+    assert {"recon_score", "recon_stderr"} <= set(saved["floor"]) and {"recon_score"} <= set(saved["ceiling"])
+    assert [t["target"] for t in saved["targets"]][0] == "stage 2: caption recall"
+    assert "a --quick run" in saved["summary"]
+    page = (out / "report.html").read_text()
+    assert "Targets" in page and "floor (empty caption)" in page and "ceiling (ground-truth caption)" in page
+    for name in ("reward_cold_start", "reward_grpo_encoder", "reward_grpo_decoder", "grid_reconstructions"):
+        assert (out / "figures" / f"{name}.png").stat().st_size > 0
+    # Every stage ran with the real training scripts, from the previous stage (--init): the handoff says so.
+    handoff = json.loads((out / "runs" / "seed0" / "grpo_decoder" / "step_00000002" / "model" / "handoff.json")
+                         .read_text())
+    assert [s["stage"] for s in handoff["stages"]] == ["sft_captioner", "sft_decoder", "cold_start", "grpo_encoder",
+                                                       "grpo_decoder"]
+
+
+def test_the_prepared_world_is_reused_and_never_mixed(quick_report, capsys):
+    out, _ = quick_report
+    world = out / "world"
+    before = (world / "world.json").read_text()
+    toy_world.prepare_world(world, toy_world.QUICK, rebuild=False)
+    assert "using the prepared world" in capsys.readouterr().out and (world / "world.json").read_text() == before
+    other = toy_world.dataclasses.replace(toy_world.QUICK, world_seed=1)
+    with pytest.raises(SystemExit, match="prepared with other settings .*world_seed.*--rebuild"):
+        toy_world.prepare_world(world, other, rebuild=False)
+
+
+def test_a_folder_that_is_not_a_world_is_refused(tmp_path):
+    (tmp_path / "w").mkdir()
+    (tmp_path / "w" / "mine.txt").write_text("x")
+    with pytest.raises(SystemExit, match="holds no finished world"):
+        toy_world.prepare_world(tmp_path / "w", toy_world.QUICK, rebuild=False)
+    assert (tmp_path / "w" / "mine.txt").exists()
+
+
+def _row(stage, seed, recon, err=0.01, recall=0.5, length=10.0, fixed=0.5, acc=0.5):
+    return {"stage": stage, "seed": seed, "recon_score": recon, "recon_stderr": err, "caption_recall": recall,
+            "caption_len": length, "recon_score_fixed": fixed, "recon_stderr_fixed": err, "attribute_accuracy": acc}
+
+
+def test_targets_are_judged_from_the_rows():
+    rows = [_row("cold_start", 0, 0.80, recall=0.3, length=8), _row("grpo_encoder", 0, 0.90, recall=0.6, length=14),
+            _row("grpo_decoder", 0, 0.91, fixed=0.7, acc=0.8)]
+    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.805)})}
+    assert met == {"stage 2: caption recall": True, "stage 2: caption length": True,
+                   "stage 2: reconstruction score": True, "stage 2 control lr 0: flat": True,
+                   "stage 3: reconstruction score with fixed captions": True, "stage 3: attribute accuracy": True}
+    rows[1]["caption_len"] = 11.0  # 1.375x: missed, and said so
+    rows[2]["attribute_accuracy"] = 0.5
+    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)})}
+    assert not met["stage 2: caption length"] and not met["stage 3: attribute accuracy"]
+    assert not met["stage 2 control lr 0: flat"]
