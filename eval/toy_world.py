@@ -400,7 +400,7 @@ def reward_series(run: Path) -> list[float]:
     return [float(r.get(key, float("nan"))) for r in rows]
 
 
-def write_report(out: Path, report: dict, ev: Evaluator, grids: dict, runs: dict) -> None:
+def write_report(out: Path, report: dict, grids: dict, runs: dict) -> None:
     figures = out / "figures"
     figures.mkdir(exist_ok=True)
     for stage in ("cold_start", "grpo_encoder", "grpo_decoder"):
@@ -471,7 +471,6 @@ def main(argv: list[str] | None = None) -> dict:
         plan = dataclasses.replace(plan, controls=False)
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(torch.get_num_threads(), 1))
 
     t0 = time.perf_counter()
     w = prepare_world(Path(a.world) if a.world else out / "world", plan, a.rebuild)
@@ -520,7 +519,7 @@ def main(argv: list[str] | None = None) -> dict:
     }
     report["timing_s"]["pipeline_and_report"] = round(time.perf_counter() - t1, 1)
     report["timing_s"]["pipeline"] = round(pipeline_s, 1)
-    write_report(out, report, ev, {"reconstructions": list(recon_rows.values())}, runs)
+    write_report(out, report, {"reconstructions": list(recon_rows.values())}, runs)
     print(f"toy world: {report['summary']}; report in {out / 'report.html'}", flush=True)
     return report
 

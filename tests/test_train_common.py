@@ -12,7 +12,7 @@ import torch
 
 from model.layers import get_attention_backend
 from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, UsageError, apply_optimizer_options, build_uae,
-                          latest_checkpoint, load_checkpoint_state, lock_run_folder, open_run_folder, option,
+                          latest_checkpoint, lock_run_folder, open_run_folder, option,
                           parse_options, release_run_folder, rng_state, save_checkpoint, set_rng_state,
                           warn_zero_advantages)
 
@@ -71,12 +71,12 @@ def test_checkpoint_atomic_latest_and_option_check(tmp_path, monkeypatch):
     folder, _ = latest_checkpoint(tmp_path)
     assert folder.name == "step_00000001" and (folder / "adapter.txt").exists()
     assert (tmp_path / "latest").read_text() == "step_00000001"
-    state = load_checkpoint_state(folder, {"lr": 1.0, "steps": 9}, compare=("lr",))
+    _, state = latest_checkpoint(tmp_path, {"lr": 1.0, "steps": 9}, compare=("lr",))
     assert state["step"] == 1 and torch.equal(state["w"], torch.ones(2))
     set_rng_state(state["rng"])
     assert torch.equal(torch.rand(3), a)
     with pytest.raises(ValueError, match="lr: checkpoint 1.0 vs now 2.0"):
-        load_checkpoint_state(folder, {"lr": 2.0}, compare=("lr",))
+        latest_checkpoint(tmp_path, {"lr": 2.0}, compare=("lr",))
 
     # A save killed part-way leaves `latest` on the previous complete checkpoint, and no temp folder behind.
     def crash(folder):

@@ -452,13 +452,6 @@ def _fsync_tree(folder: Path) -> None:
         _fsync(Path(root))
 
 
-def load_checkpoint_state(folder: str | Path, options: dict, compare: tuple[str, ...]) -> dict:
-    """Read `state.pt` and refuse a checkpoint written by a run whose options differ in any of `compare`."""
-    state = torch.load(Path(folder) / "state.pt", map_location="cpu", weights_only=True)
-    check_resume_options(folder, state, options, compare)
-    return state
-
-
 def check_resume_options(folder: str | Path, state: dict, options: dict, compare: tuple[str, ...]) -> None:
     saved = state.get("options", {})
     diff = {k: (saved.get(k), options.get(k)) for k in compare if saved.get(k) != options.get(k)}
