@@ -475,7 +475,11 @@ class TextAttention(nn.Module):
         self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=True)
         self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None):
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, prefix_kv=None, return_kv=False):
+        """kv_cache: (keys, values) of a preallocated cache, written in place at columns `cache_position` and
+        attended whole (generation). prefix_kv: (keys, values) [B, Hkv, P, D] of earlier positions (differentiable)
+        that x's queries attend before x's own keys, which `mask` [B, 1, T, P + T] covers. return_kv: also return
+        x's (keys, values) after RoPE."""
         batch, length, _ = x.shape
         q = self.q_proj(x).view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)
         k = self.k_proj(x).view(batch, length, self.num_kv_heads, self.head_dim).transpose(1, 2)
@@ -488,8 +492,11 @@ class TextAttention(nn.Module):
             k_cache.index_copy_(2, cache_position, k)
             v_cache.index_copy_(2, cache_position, v)
             k, v = k_cache, v_cache
-        out = attention(q, k, v, mask=mask, causal=mask is None)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, length, -1))
+        own = (k, v)
+        if prefix_kv is not None:
+            k, v = torch.cat([prefix_kv[0], k], dim=2), torch.cat([prefix_kv[1], v], dim=2)
+        out = self.o_proj(attention(q, k, v, mask=mask, causal=mask is None).transpose(1, 2).reshape(batch, length, -1))
+        return (out, own) if return_kv else out
 
 
 class DecoderLayer(nn.Module):
@@ -500,9 +507,12 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = SwiGLU(cfg.hidden_size, cfg.intermediate_size, bias=False)
 
-    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def forward(self, x, cos, sin, mask, kv_cache=None, cache_position=None, prefix_kv=None, return_kv=False):
+        out = self.self_attn(self.input_layernorm(x), cos, sin, mask, kv_cache, cache_position, prefix_kv, return_kv)
+        out, kv = out if return_kv else (out, None)
+        x = x + out
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return (x, kv) if return_kv else x
 
 
 @dataclass
@@ -542,6 +552,28 @@ class TextModel(nn.Module):
             else:
                 x = layer(x, cos, sin, mask)
         return self.norm(x)
+
+    def forward_after_prefix(self, prefix: torch.Tensor, prefix_positions: torch.Tensor, prefix_mask: torch.Tensor,
+                             x: torch.Tensor, positions: torch.Tensor, mask: torch.Tensor, prefix_of_row: torch.Tensor,
+                             gradient_checkpointing: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+        """Rows that continue shared prefixes, differentiably: `prefix` [B, P, d] runs once, and row r of `x`
+        [R, T, d] attends, in every layer, to the keys and values of prefix prefix_of_row[r] (gathered, so their
+        gradients sum over the rows) then to its own. Masks: prefix_mask [B, 1, P, P], mask [R, 1, T, P + T].
+        Returns the final-norm hidden states (prefix [B, P, d], rows [R, T, d]): those of one forward over each
+        prefix + row, with each prefix computed once (the G captions of an image share its prompt)."""
+        cos_p, sin_p = mrope_cos_sin(prefix_positions, self.config, prefix.dtype)
+        cos, sin = mrope_cos_sin(positions, self.config, x.dtype)
+        ckpt = gradient_checkpointing and torch.is_grad_enabled()
+        for layer in self.layers:
+            if ckpt:
+                prefix, (k, v) = checkpoint(layer, prefix, cos_p, sin_p, prefix_mask, None, None, None, True,
+                                            use_reentrant=False)
+                x = checkpoint(layer, x, cos, sin, mask, None, None, (k[prefix_of_row], v[prefix_of_row]),
+                               use_reentrant=False)
+            else:
+                prefix, (k, v) = layer(prefix, cos_p, sin_p, prefix_mask, return_kv=True)
+                x = layer(x, cos, sin, mask, prefix_kv=(k[prefix_of_row], v[prefix_of_row]))
+        return self.norm(prefix), self.norm(x)
 
 
 # ----------------------------------------------------------------------------------------------------------- model
@@ -595,6 +627,20 @@ def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, do_sample: b
     return scores
 
 
+def draw_tokens(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
+    """One token per row of `probs` [B, V]. One generator (or None: the global RNG): torch.multinomial, as
+    transformers samples. A sequence of B generators: inverse-CDF sampling, row b from one uniform drawn from
+    generator b (on that generator's device), so row b's tokens depend only on its generator and its own
+    distribution, whatever rows share the batch; the same seeds give the same tokens on CPU and GPU up to the
+    rounding of the probabilities. Zero-probability tokens (top-k / top-p) have zero width and are never drawn."""
+    if generator is None or isinstance(generator, torch.Generator):
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64).cpu() for g in generator])
+    cdf = probs.double().cumsum(-1)
+    x = u.to(probs.device)[:, None] * cdf[:, -1:]
+    return torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
+
+
 class Qwen25VL(nn.Module):
     def __init__(self, config: Qwen25VLConfig):
         super().__init__()
@@ -620,7 +666,8 @@ class Qwen25VL(nn.Module):
         return model.eval()
 
     # ------------------------------------------------------------------------------------------- inputs
-    def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw) -> torch.Tensor:
+    def _check_inputs(self, input_ids, attention_mask, pixel_values, image_grid_thw,
+                      image_features=None) -> torch.Tensor:
         """Validate a batch; returns the attention mask (all ones when None)."""
         cfg = self.config
         if not isinstance(input_ids, torch.Tensor) or input_ids.ndim != 2 or input_ids.dtype not in (torch.long,
@@ -647,9 +694,12 @@ class Qwen25VL(nn.Module):
         is_image = input_ids == cfg.image_token_id
         if (is_image & ~attention_mask.bool()).any():
             raise ValueError("attention_mask masks out image tokens")
-        if (pixel_values is None) != (image_grid_thw is None):
-            raise ValueError("pixel_values and image_grid_thw must be given together")
-        if pixel_values is None:
+        if pixel_values is not None and image_features is not None:
+            raise ValueError("give pixel_values or image_features, not both")
+        images = pixel_values if image_features is None else image_features
+        if (images is None) != (image_grid_thw is None):
+            raise ValueError("pixel_values (or image_features) and image_grid_thw must be given together")
+        if images is None:
             if is_image.any():
                 raise ValueError(f"input_ids contain {int(is_image.sum())} image tokens but no pixel_values were given")
             return attention_mask
@@ -665,40 +715,84 @@ class Qwen25VL(nn.Module):
         if int(is_image.sum()) != n_tokens:
             raise ValueError(f"input_ids hold {int(is_image.sum())} image tokens (id {cfg.image_token_id}) but "
                              f"image_grid_thw {image_grid_thw.tolist()} needs {n_tokens}")
+        if image_features is not None:
+            if image_features.shape != (n_tokens, vis.out_hidden_size):
+                raise ValueError(f"image_features shape {list(image_features.shape)}, expected [{n_tokens}, "
+                                 f"{vis.out_hidden_size}] (one row per image token of image_grid_thw)")
+            return attention_mask
         if pixel_values.ndim != 2 or pixel_values.shape != (n_patches, vis.patch_dim):
             raise ValueError(f"pixel_values shape {list(pixel_values.shape)}, expected [{n_patches}, {vis.patch_dim}] "
                              f"(sum of t*h*w over image_grid_thw, C*T*P*P)")
         return attention_mask
 
-    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None):
+    def embed(self, input_ids, attention_mask=None, pixel_values=None, image_grid_thw=None, image_features=None):
         """(input embeddings [B, T, d] with image features in place of the image tokens, M-RoPE positions [3, B, T],
-        rope_delta [B], attention mask [B, T])."""
-        attention_mask = self._check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        rope_delta [B], attention mask [B, T]). `image_features` [n_image_tokens, d] (the vision tower's output,
+        `self.visual(pixel_values, image_grid_thw)`, in the order of the image tokens) replace pixel_values when the
+        same images recur: G captions of one image, or the policy and reference forwards of one step."""
+        attention_mask = self._check_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, image_features)
         x = self.language_model.embed_tokens(input_ids)
         if pixel_values is not None:
-            features = self.visual(pixel_values, image_grid_thw).to(x.dtype)
-            x = x.masked_scatter((input_ids == self.config.image_token_id)[..., None], features)
+            image_features = self.visual(pixel_values, image_grid_thw)
+        if image_features is not None:
+            x = x.masked_scatter((input_ids == self.config.image_token_id)[..., None], image_features.to(x.dtype))
         positions, rope_delta = mrope_positions(input_ids, attention_mask, image_grid_thw, self.config)
         return x, positions, rope_delta, attention_mask
 
     # ------------------------------------------------------------------------------------------- forward
     def forward_hidden(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                        image_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None,
-                       pad_states: bool = True) -> torch.Tensor:
+                       pad_states: bool = True, image_features: torch.Tensor | None = None) -> torch.Tensor:
         """Last-layer hidden states after the final norm, [B, T, d]. Left-padding positions hold unspecified values;
         right-padding positions attend to every earlier real token, as in transformers (UAE's text conditioning
         reads them).
 
         pad_states=False: the caller ignores every padding position (log-prob paths). A batch with right padding
         only then runs plain causal attention without a mask, which the flash kernels (ours, SDPA's) take; real
-        tokens get the same values, right pads then also see earlier pads."""
-        x, positions, _, attention_mask = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw)
+        tokens get the same values, right pads then also see earlier pads. `image_features`: see `embed`."""
+        x, positions, _, attention_mask = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                     image_features)
         valid = attention_mask.bool()
         if not pad_states and bool((valid[:, 1:] <= valid[:, :-1]).all()):
             mask = None
         else:
             mask = causal_mask(valid, torch.arange(x.shape[1], device=x.device))
         return self.language_model(x, positions, mask, gradient_checkpointing=self.gradient_checkpointing)
+
+    def forward_hidden_after_prompts(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor | None,
+                                     tokens: torch.Tensor, prompt_of_row: Sequence[int] | torch.Tensor,
+                                     pixel_values: torch.Tensor | None = None,
+                                     image_grid_thw: torch.Tensor | None = None,
+                                     image_features: torch.Tensor | None = None) -> torch.Tensor:
+        """Teacher forcing over shared prompts: the last-layer hidden states [R, N, d] that predict each of `tokens`
+        [R, N] written after prompt prompt_of_row[r] of the left-padded `prompt_ids` [B, P] (their images given by
+        pixel_values or image_features). Position j's state predicts token j: j = 0 is the prompt's last state,
+        j > 0 the state at token j - 1. Each prompt runs once (`TextModel.forward_after_prefix`), not once per row:
+        the values (and gradients) are those of `forward_hidden` over each prompt + row with `pad_states=False`.
+        Rows are right-padded; states at and after a row's padding are unspecified (callers mask them)."""
+        x_p, pos_p, rope_delta, prompt_mask = self.embed(prompt_ids, prompt_mask, pixel_values, image_grid_thw,
+                                                         image_features)
+        rows = torch.as_tensor(prompt_of_row, dtype=torch.long, device=x_p.device)
+        n_prompts, prompt_len = prompt_ids.shape
+        if rows.ndim != 1 or rows.shape[0] != tokens.shape[0] or (rows.numel() and not (
+                0 <= int(rows.min()) and int(rows.max()) < n_prompts)):
+            raise ValueError(f"prompt_of_row must give, for each of the {tokens.shape[0]} rows, a prompt index in "
+                             f"[0, {n_prompts}), got {rows.tolist()}")
+        valid = prompt_mask.bool()
+        prompt_causal = causal_mask(valid, torch.arange(prompt_len, device=x_p.device))
+        n = tokens.shape[1] - 1  # the last token is predicted, never read
+        if n == 0:
+            return self.language_model(x_p, pos_p, prompt_causal,
+                                       gradient_checkpointing=self.gradient_checkpointing)[rows, -1:]
+        x = self.language_model.embed_tokens(tokens[:, :-1])
+        columns = prompt_len + torch.arange(n, device=x.device)
+        # Text after the prompt: position = cache column + rope_delta (as generation places it).
+        positions = (columns[None] + rope_delta[rows][:, None]).expand(3, -1, -1)
+        key_valid = torch.cat([valid[rows], torch.ones(rows.shape[0], n, dtype=torch.bool, device=x.device)], 1)
+        h_p, h = self.language_model.forward_after_prefix(
+            x_p, pos_p, prompt_causal, x, positions, causal_mask(key_valid, columns), rows,
+            gradient_checkpointing=self.gradient_checkpointing)
+        return torch.cat([h_p[rows, -1:], h], dim=1)
 
     def forward(self, input_ids: torch.Tensor, pixel_values: torch.Tensor | None = None,
                 image_grid_thw: torch.Tensor | None = None, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
@@ -726,9 +820,11 @@ class Qwen25VL(nn.Module):
             key_valid=torch.zeros(batch, max_len, dtype=torch.bool, device=weight.device),
             rope_delta=torch.zeros(batch, dtype=torch.long, device=weight.device))
 
-    def prefill(self, input_ids, attention_mask, pixel_values, image_grid_thw, cache: KVCache) -> torch.Tensor:
+    def prefill(self, input_ids, attention_mask, pixel_values, image_grid_thw, cache: KVCache,
+                image_features=None) -> torch.Tensor:
         """Run the prompt into columns [0, T) of `cache`; returns hidden states [B, T, d]."""
-        x, positions, rope_delta, attention_mask = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw)
+        x, positions, rope_delta, attention_mask = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw,
+                                                              image_features)
         columns = torch.arange(x.shape[1], device=x.device)
         cache.key_valid[:, :x.shape[1]] = attention_mask.bool()
         cache.rope_delta.copy_(rope_delta)
@@ -751,11 +847,16 @@ class Qwen25VL(nn.Module):
                  max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
                  top_p: float = 1.0, repetition_penalty: float = 1.0,
                  eos_token_id: int | Sequence[int] = (151645, 151643), pad_token_id: int = 151643,
-                 generator: torch.Generator | None = None, return_hidden: bool = False,
-                 cuda_graph: bool = False) -> GenerationOutput:
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, return_hidden: bool = False,
+                 cuda_graph: bool = False, prompt_of_row: Sequence[int] | torch.Tensor | None = None,
+                 image_features: torch.Tensor | None = None) -> GenerationOutput:
         """Greedy or sampled continuation of a left-padded batch, row by row until eos or max_new_tokens; stops
-        when every row has finished. Sampling draws with `torch.multinomial(probs, 1, generator=generator)` (the
-        global RNG when None, as transformers).
+        when every row has finished. Sampling: `draw_tokens` (one generator: torch.multinomial as transformers, the
+        global RNG when None; a list: one generator per row, so a row's tokens do not depend on its batch).
+
+        prompt_of_row: output row r continues prompt prompt_of_row[r] (e.g. [0]*G + [1]*G for G samples of each of
+        two images): the prompts, their images included, are prefilled once and their KV cache rows copied to the
+        output rows, which then decode as one batch. None: one row per prompt. `image_features`: see `embed`.
 
         cuda_graph: replay each decode step as a CUDA graph recorded once per (batch, prompt + max_new_tokens) and
         kept for the model (model/graph_decode.py); same tokens as without. CUDA only: on another device the first
@@ -781,7 +882,16 @@ class Qwen25VL(nn.Module):
         if input_ids.ndim == 2 and attention_mask.shape == input_ids.shape and \
                 (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
             raise ValueError("generate needs left-padded prompts: attention_mask has a 0 after a 1")
-        batch, prompt_len = input_ids.shape
+        n_prompts, prompt_len = input_ids.shape
+        rows = None
+        if prompt_of_row is not None:
+            rows = torch.as_tensor(prompt_of_row, dtype=torch.long, device=input_ids.device)
+            if rows.ndim != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= n_prompts:
+                raise ValueError(f"prompt_of_row must list, for each output row, a prompt index in [0, {n_prompts}),"
+                                 f" got {rows.tolist()}")
+        batch = n_prompts if rows is None else rows.numel()
+        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
+            raise ValueError(f"one generator per output row: got {len(generator)} for {batch} rows")
         max_len = prompt_len + max_new_tokens
         if max_len > self.config.text.max_position_embeddings:
             raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {max_len} exceeds "
@@ -794,7 +904,18 @@ class Qwen25VL(nn.Module):
             cache = decode.cache
         else:
             decode, cache = self.decode_step, self.new_cache(batch, max_len)
-        prompt_hidden = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, cache)
+        if rows is None:
+            prompt_hidden = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, cache,
+                                         image_features)
+        else:  # prefill each prompt once, then copy its cache rows to the rows that continue it
+            prompt_cache = self.new_cache(n_prompts, prompt_len)
+            prompt_hidden = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_cache,
+                                         image_features)[rows]
+            for full, part in zip((*cache.keys, *cache.values), (*prompt_cache.keys, *prompt_cache.values)):
+                full[:, :, :prompt_len] = part[rows]
+            cache.key_valid[:, :prompt_len] = prompt_cache.key_valid[rows]
+            cache.rope_delta.copy_(prompt_cache.rope_delta[rows])
+            input_ids, attention_mask = input_ids[rows], attention_mask[rows]
         logits = self.lm_head(prompt_hidden[:, -1]).float()
         seen = None
         if repetition_penalty != 1.0:  # transformers ignores the left padding (prompt_ignore_length)
@@ -807,7 +928,7 @@ class Qwen25VL(nn.Module):
         for step in range(max_new_tokens):
             scores = process_logits(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty)
             if do_sample:
-                token = torch.multinomial(scores.softmax(-1), 1, generator=generator)[:, 0]
+                token = draw_tokens(scores.softmax(-1), generator)
             else:
                 token = scores.argmax(-1)
             logprob = scores.log_softmax(-1).gather(1, token[:, None])[:, 0]

@@ -15,9 +15,10 @@ and random so the whole loop runs on a CPU in seconds.
 """
 from __future__ import annotations
 
-import os
 import copy
 import dataclasses
+import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -99,24 +100,58 @@ class UAE(nn.Module):
         inputs = self._caption_processor()(text=[text] * len(images), images=list(images))
         return {k: v.to(self.device) for k, v in inputs.items()}
 
+    def caption_rows(self, inputs: dict[str, torch.Tensor], image_of: Sequence[int],
+                     features: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        """Inputs for captions of recurring images (G captions of an image, for GRPO): `inputs` (`caption_inputs`,
+        one prompt per image) with `image_of` [R] (row r captions image image_of[r]) and the vision tower's output
+        `image_features` in place of pixel_values (computed here unless `features` is given). `caption_hidden`
+        and `caption_logprobs` then run the vision tower and each prompt once per image, not once per caption
+        (`Qwen25VL.forward_hidden_after_prompts`), for the policy and reference forwards alike. Runs under the
+        caller's grad mode."""
+        index = torch.as_tensor(list(image_of), dtype=torch.long)
+        n = inputs["input_ids"].shape[0]
+        if index.ndim != 1 or index.numel() == 0 or int(index.min()) < 0 or int(index.max()) >= n:
+            raise ValueError(f"image_of must list, for each row, an image index in [0, {n}), got {index.tolist()}")
+        if features is None:
+            features = self.lvlm.visual(inputs["pixel_values"], inputs["image_grid_thw"])
+        return {"input_ids": inputs["input_ids"], "attention_mask": inputs["attention_mask"],
+                "image_grid_thw": inputs["image_grid_thw"], "image_features": features,
+                "image_of": index.to(inputs["input_ids"].device)}
+
+    def _one_row_per_caption(self, inputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """`caption_rows` inputs as one prompt (with its image features) per row; other inputs as they are."""
+        if "image_of" not in inputs:
+            return inputs
+        rows, grid = inputs["image_of"], inputs["image_grid_thw"]
+        per_image = inputs["image_features"].split(
+            (grid.prod(-1) // self.lvlm.config.vision.spatial_merge_size ** 2).tolist())
+        return {"input_ids": inputs["input_ids"][rows], "attention_mask": inputs["attention_mask"][rows],
+                "image_grid_thw": grid[rows], "image_features": torch.cat([per_image[i] for i in rows.tolist()])}
+
     @torch.no_grad()
     def caption(self, images: list[Image.Image], prompt: str = CAPTION_PROMPT, max_new_tokens: int | None = None,
                 do_sample: bool = True, temperature: float | None = None, top_k: int = 0, top_p: float = 1.0,
-                generator: torch.Generator | None = None, return_output: bool = False):
-        """Caption each image. Sampling follows the released defaults (temperature 0.7, 512 new tokens). With
-        return_output, also the processor inputs and the GenerationOutput, whose `mask` marks the caption's tokens
-        (ended before any sampled image/video placeholder, as the texts are)."""
+                generator: torch.Generator | Sequence[torch.Generator] | None = None, return_output: bool = False,
+                image_of: Sequence[int] | None = None, cuda_graph: bool = False):
+        """Caption each image, or with `image_of` each row r an image images[image_of[r]] (e.g. G captions per image
+        for GRPO): every image's vision features and prompt are computed once and the rows decode as one batch.
+        Sampling follows the released defaults (temperature 0.7, 512 new tokens); `generator`: one for the batch,
+        or one per row, so a row's caption does not depend on the rows beside it (`Qwen25VL.draw_tokens`). With
+        return_output, also the rows' inputs (`caption_rows`: image features in place of pixel values) and the
+        GenerationOutput, whose `mask` marks the caption's tokens (ended before any sampled image/video
+        placeholder, as the texts are). cuda_graph: decode steps replayed as CUDA graphs (`Qwen25VL.generate`)."""
         if not images:
             raise ValueError("caption() needs at least one image")
         inputs = self.caption_inputs(images, prompt)
+        features = self.lvlm.visual(inputs["pixel_values"], inputs["image_grid_thw"])
         out = self.lvlm.generate(
-            inputs["input_ids"], inputs["attention_mask"], pixel_values=inputs["pixel_values"],
-            image_grid_thw=inputs["image_grid_thw"],
+            inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
+            image_features=features, prompt_of_row=image_of,
             max_new_tokens=max_new_tokens or self.settings.caption_max_new_tokens, do_sample=do_sample,
             temperature=temperature if temperature is not None else self.settings.caption_temperature,
             top_k=top_k, top_p=top_p, generator=generator,
             eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id),
-            pad_token_id=self.processor.pad_token_id)
+            pad_token_id=self.processor.pad_token_id, cuda_graph=cuda_graph)
         # A sampled image/video placeholder cannot be re-encoded (the LVLM counts placeholders against the image's
         # patches, and a text-only caption has none): the caption ends before the first one. They are rare below
         # temperature 1, but long captions from a release or an early RL policy do sample them.
@@ -126,18 +161,26 @@ class UAE(nn.Module):
         out = dataclasses.replace(out, mask=out.mask & before_first)
         texts = p.batch_decode(out.new_tokens.masked_fill(~out.mask, p.pad_token_id).tolist())
         texts = [t.strip() for t in texts]
-        return (texts, inputs, out) if return_output else texts
+        if not return_output:
+            return texts
+        return texts, self.caption_rows(inputs, range(len(images)) if image_of is None else image_of, features), out
 
     def caption_hidden(self, inputs: dict[str, torch.Tensor], tokens: torch.Tensor,
                        mask: torch.Tensor) -> torch.Tensor:
         """Teacher forcing: the LVLM's last hidden states [B, N, d] that predict each of the caption `tokens` [B, N]
-        (right-padded; `mask` marks the real ones) written after the image prompt `inputs` (`caption_inputs`), from
-        one forward over prompt + caption. Rows' padding positions hold unspecified values (callers mask them)."""
+        (right-padded; `mask` marks the real ones) written after the image prompt `inputs`: from one forward over
+        prompt + caption per row (`caption_inputs`), or with each prompt run once for its rows (`caption_rows`).
+        Rows' padding positions hold unspecified values (callers mask them)."""
+        if "image_of" in inputs:  # each prompt once, its rows after it
+            return self.lvlm.forward_hidden_after_prompts(
+                inputs["input_ids"], inputs["attention_mask"], tokens.masked_fill(~mask, self.processor.pad_token_id),
+                inputs["image_of"], image_grid_thw=inputs["image_grid_thw"], image_features=inputs["image_features"])
         prompt_len = inputs["input_ids"].shape[1]
         ids = torch.cat([inputs["input_ids"], tokens.masked_fill(~mask, self.processor.pad_token_id)], dim=1)
         attn = torch.cat([inputs["attention_mask"], mask.long()], dim=1)
-        hidden = self.lvlm.forward_hidden(ids, attention_mask=attn, pixel_values=inputs["pixel_values"],
-                                          image_grid_thw=inputs["image_grid_thw"], pad_states=False)
+        hidden = self.lvlm.forward_hidden(ids, attention_mask=attn, pixel_values=inputs.get("pixel_values"),
+                                          image_grid_thw=inputs["image_grid_thw"], pad_states=False,
+                                          image_features=inputs.get("image_features"))
         # Position p predicts token p+1: the caption's N tokens are predicted from positions prompt_len-1 ... +N-2.
         return hidden[:, prompt_len - 1: prompt_len - 1 + tokens.shape[1]]
 
@@ -203,15 +246,26 @@ class UAE(nn.Module):
 
     @torch.no_grad()
     def generate(self, prompts: list[str], height: int | None = None, width: int | None = None,
-                 steps: int | None = None,
-                 guidance_scale: float | None = None, generator: torch.Generator | None = None,
-                 output_type: str = "pil"):
-        """Images from text prompts (CFG Euler ODE sampling on the SD3 shifted schedule)."""
+                 steps: int | None = None, guidance_scale: float | None = None,
+                 generator: torch.Generator | Sequence[torch.Generator] | None = None, output_type: str = "pil",
+                 pad_to: int | None = None):
+        """Images from text prompts (CFG Euler ODE sampling on the SD3 shifted schedule), as one batch. `generator`:
+        one for the batch's noise, or one per prompt (image i's noise then does not depend on the batch). The DiT
+        has no text mask: the prompts (and the negative prompt) are padded together, to `pad_to` tokens if given
+        (`condition`), so an image depends on the longest text of its batch unless pad_to fixes the length."""
         s = self.settings
         height, width = height or s.height, width or s.width
         g = s.guidance_scale if guidance_scale is None else guidance_scale
-        context, negative = self.condition(prompts, g)
-        noise = torch.randn(self.latent_shape(len(prompts), height, width), generator=generator).to(self.device)
+        context, negative = self.condition(prompts, g, pad_to)
+        shape = self.latent_shape(len(prompts), height, width)
+        if generator is None or isinstance(generator, torch.Generator):
+            noise = torch.randn(shape, generator=generator)
+        elif len(generator) != len(prompts):
+            raise ValueError(f"one generator per prompt: got {len(generator)} for {len(prompts)} prompts")
+        else:
+            noise = torch.cat([torch.randn((1, *shape[1:]), generator=gen, device=gen.device).cpu()
+                               for gen in generator])
+        noise = noise.to(self.device)
         sigmas = flow_sigmas(steps or s.steps, shift=s.shift).to(self.device)
         latents = sample_ode(self.velocity_fn(context, negative), noise, sigmas,
                              guidance_scale=g if negative is not None else None)
@@ -232,14 +286,17 @@ class UAE(nn.Module):
         """Cold-start conditioning: the hidden states of the caption tokens computed with the image in context,
         through the connector, differentiable to the LVLM and connector.
 
-        `inputs` are `caption_inputs(...)` (left-padded prompts with images); `caption_ids/mask [B, N]` the caption
+        `inputs` are `caption_inputs(...)` (left-padded prompts with images) or `caption_rows(...)`;
+        `caption_ids/mask [B, N]` the caption
         tokens (e.g. `GenerationOutput.new_tokens/mask`). Row i's context is the hidden states at its N caption
         positions; positions after its caption are pad tokens, as with the right-padded generation path."""
+        inputs = self._one_row_per_caption(inputs)
         ids = torch.cat([inputs["input_ids"], caption_ids], dim=1)
         mask = torch.cat([inputs["attention_mask"], caption_mask.long()], dim=1)
         ids = ids.masked_fill(mask == 0, self.processor.pad_token_id)
-        hidden = self.lvlm.forward_hidden(ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                                          image_grid_thw=inputs["image_grid_thw"])
+        hidden = self.lvlm.forward_hidden(ids, attention_mask=mask, pixel_values=inputs.get("pixel_values"),
+                                          image_grid_thw=inputs["image_grid_thw"],
+                                          image_features=inputs.get("image_features"))
         return self.connector(hidden[:, inputs["input_ids"].shape[1]:].to(self.connector.fc1.weight.dtype))
 
     # ------------------------------------------------------------------------------------------- construction

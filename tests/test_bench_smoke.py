@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 import run_all  # noqa: E402
 
-SCRIPTS = ["attention", "logprob", "generate", "grpo_decoder_step"]
+SCRIPTS = ["attention", "logprob", "generate", "grpo_decoder_step", "grpo_encoder_step"]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +40,8 @@ def test_every_script_has_help(capsys):
 def test_run_all_smoke_runs_every_benchmark(smoke):
     summary, _ = smoke
     steps = {s["name"]: s for s in summary["steps"]}
-    assert list(steps) == ["attention", "logprob", "generate", "grpo_decoder_step sd3.5-medium"]
+    assert list(steps) == ["attention", "logprob", "generate", "grpo_decoder_step sd3.5-medium",
+                           "grpo_encoder_step"]
     for s in steps.values():
         assert s["rc"] == 0 and s["result"]["smoke"] and s["result"]["rows"], s["name"]
         assert s["result"]["env"]["torch"] and s["result"]["command"].startswith("python bench/")
@@ -65,6 +66,15 @@ def test_run_all_smoke_runs_every_benchmark(smoke):
     assert grpo["finite"] and grpo["trained_steps"] == 2
     assert grpo["step_s"] == pytest.approx(grpo["sampling_s"] + grpo["reward_s"] + grpo["training_s"], abs=2e-3)
 
+    sequential, batched = steps["grpo_encoder_step"]["result"]["rows"]
+    assert (sequential["variant"], batched["variant"]) == ("sequential", "batched")
+    for row in (sequential, batched):
+        assert row["finite"] and row["G"] == 8 and row["caption_tokens"] > 0
+        assert row["step_s"] == pytest.approx(sum(row[k] for k in ("sample_s", "render_s", "reward_s", "update_s")),
+                                              abs=5e-3)
+    speedup = next(t for t in steps["grpo_encoder_step"]["result"]["targets"] if t["target"].startswith("stage-2"))
+    assert speedup["value"] == pytest.approx(sequential["step_s"] / batched["step_s"], rel=1e-3)
+
     names = [t["target"] for t in summary["targets"]]
     assert sum(n.startswith("attention ") for n in names) == 6 and sum(n.startswith("varlen ") for n in names) == 2
     assert sum(n.startswith("logprob ") for n in names) == 2 and any(n.startswith("generate B1") for n in names)
@@ -83,17 +93,21 @@ def test_full_run_plan_and_time_budget(tmp_path):
                                                              only=""), **kw})
     plan = run_all.steps(args())
     assert [n for n, _, _ in plan] == ["tests", "attention", "logprob", "generate", "grpo_decoder_step sd3.5-medium",
-                                       "grpo_decoder_step sd3.5-large"]
+                                       "grpo_encoder_step", "grpo_decoder_step sd3.5-large"]
+    assert plan[-2][1][-1] == "--cuda-graph"
     assert all(t in plan[0][1] for t in run_all.TESTS)
     assert plan[-1][1][-3:] == ["sd3.5-large", "--attention", "sdpa,triton"]
     quick = run_all.steps(args(quick=True))
     assert all("--quick" in argv for n, argv, _ in quick if n != "tests") and quick[-1][1][-1] == "sdpa"
     assert [n for n, _, _ in run_all.steps(args(only="logprob,grpo"))] == [
-        "logprob", "grpo_decoder_step sd3.5-medium", "grpo_decoder_step sd3.5-large"]
+        "logprob", "grpo_decoder_step sd3.5-medium", "grpo_encoder_step", "grpo_decoder_step sd3.5-large"]
 
+    (tmp_path / "RESULTS.md").write_text("# old GPU run\n" + run_all.CPU_SECTION + "\n\nkept by hand\n")
     summary = run_all.main(["--smoke", "--budget-s", "0", "--results-dir", str(tmp_path)])
     assert summary["steps"] and all(s["rc"] == "skipped: time budget spent" for s in summary["steps"])
-    assert "skipped: time budget spent" in (tmp_path / "RESULTS.md").read_text()
+    md = (tmp_path / "RESULTS.md").read_text()
+    assert "skipped: time budget spent" in md and "old GPU run" not in md
+    assert md.endswith(run_all.CPU_SECTION + "\n\nkept by hand\n")  # the hand-recorded CPU numbers survive
 
 
 def test_target_verdicts():

@@ -99,7 +99,7 @@ def test_resume_matches_uninterrupted_run(tmp_path):
 
 def test_default_run_lowers_the_loss(tmp_path):
     """The no-argument tiny run, shortened: the reconstruction loss falls (mean of the last 5 steps well below the
-    first 5; measured 0.076 -> 0.032 over 24 steps)."""
-    cs.main(["--steps", "24", "--out", str(tmp_path / "run"), "--save-every", "100", "--device", "cpu"])
+    first 5; measured 0.079 -> 0.033 over 36 steps, 0.012 at 48; flat-ish for the first ~24 steps)."""
+    cs.main(["--steps", "36", "--out", str(tmp_path / "run"), "--save-every", "100", "--device", "cpu"])
     losses = [r["loss"] for r in rows(tmp_path / "run")]
     assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5, losses

@@ -241,7 +241,14 @@ def test_run_folder_rerun_overwrite_and_resume_with_new_lr(tmp_path, capsys):
 def test_group_size_one_and_a_constant_reward_are_warned(tmp_path, capsys, monkeypatch):
     gd.main(FAST[:2] + ["--group-size", "1"] + FAST[4:] + ["--steps", "1", "--out", str(tmp_path / "a")])
     assert "--group-size 1: each reward is compared only with itself" in capsys.readouterr().err
-    monkeypatch.setattr(gd, "build_reward", lambda *a: lambda sources, recon: torch.ones(len(recon)))
+    class ConstantReward:  # the interface train.common.group_rewards uses
+        def source_features(self, sources):
+            return torch.zeros(len(sources), 4)
+
+        def __call__(self, sources, recon, source_features=None):
+            return torch.ones(len(recon))
+
+    monkeypatch.setattr(gd, "build_reward", lambda *a: ConstantReward())
     gd.main(FAST + ["--steps", "1", "--out", str(tmp_path / "b")])
     assert "step 1: every sample of each group got the same reward" in capsys.readouterr().err
 

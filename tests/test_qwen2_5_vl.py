@@ -16,7 +16,8 @@ from transformers.vision_utils import get_vision_window_index
 
 import kernels.attention
 from model.layers import get_attention_backend, set_attention_backend
-from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, mrope_positions, vision_attention_layout
+from model.qwen2_5_vl import (Qwen25VL, Qwen25VLConfig, VisionConfig, draw_tokens, mrope_positions,
+                              vision_attention_layout)
 from weights import CheckpointError
 
 VOCAB = 300
@@ -620,3 +621,111 @@ def test_bad_inputs(untied):
             ours.generate(ids, mask, **{**gen, **bad})
     with pytest.raises(ValueError, match="leading dimensions"):
         ours.token_logprobs(torch.zeros(2, 3, 64), torch.zeros(2, 4, dtype=torch.long))
+
+
+# ----------------------------------------------------------------------------------------------------------- groups
+
+def test_draw_tokens_per_row_generators_follow_the_distribution():
+    # Inverse-CDF sampling with one generator per row: row b depends only on generator b, the frequencies follow
+    # the probabilities (30000 draws: 4 std of a binomial frequency is < 0.012), zero-probability tokens never come.
+    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [0.1, 0.0, 0.9, 0.0, 0.0]])
+    draws = torch.stack([draw_tokens(probs, [torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(
+        2 * i + 1)]) for i in range(30000)])
+    for b in range(2):
+        freq = torch.bincount(draws[:, b], minlength=5).float() / len(draws)
+        assert (freq - probs[b]).abs().max() < 0.012, (b, freq)
+        assert (freq[probs[b] == 0] == 0).all()
+    alone = torch.stack([draw_tokens(probs[1:], [torch.Generator().manual_seed(2 * i + 1)]) for i in range(200)])
+    assert torch.equal(alone[:, 0], draws[:200, 1])
+
+
+def test_prompt_of_row_shares_the_prefill_and_rows_keep_their_own_generators(untied):
+    _, ours, _ = untied
+    batch = make_batch([(["wide"], 2), (["tall"], 4)], seed=21)
+    rows = [0, 1, 1, 0, 1]
+    seeds = [3, 4, 5, 6, 7]
+    kw = dict(max_new_tokens=10, eos_token_id=IM_END, pad_token_id=PAD, **SAMPLING)
+    shared = ours.generate(batch["input_ids"], prompt_of_row=rows,
+                           generator=[torch.Generator().manual_seed(s) for s in seeds], **kw, **ours_kwargs(batch))
+    # Each row alone: its own prompt (with its own image), batch 1, the same seed.
+    grids = batch["image_grid_thw"]
+    pixels = batch["pixel_values"].split(grids.prod(-1).tolist())
+    for r, (i, s) in enumerate(zip(rows, seeds)):
+        keep = batch["attention_mask"][i].bool()
+        one = ours.generate(batch["input_ids"][i:i + 1, keep], pixel_values=pixels[i], image_grid_thw=grids[i:i + 1],
+                            generator=[torch.Generator().manual_seed(s)], **kw)
+        n = int(one.mask.sum())
+        assert torch.equal(shared.new_tokens[r, :n], one.new_tokens[0, :n]) and int(shared.mask[r].sum()) == n
+        assert rel_err(shared.logprobs[r, :n], one.logprobs[0, :n]) <= 1e-5
+    greedy = dict(max_new_tokens=8, eos_token_id=IM_END, pad_token_id=PAD)
+    a = ours.generate(batch["input_ids"], prompt_of_row=rows, **greedy, **ours_kwargs(batch))
+    assert a.sequences.shape[0] == 5 and torch.equal(a.sequences[:, :batch["input_ids"].shape[1]],
+                                                     batch["input_ids"][rows])
+    with pytest.raises(ValueError, match="prompt index in"):
+        ours.generate(batch["input_ids"], prompt_of_row=[0, 2], **greedy, **ours_kwargs(batch))
+    with pytest.raises(ValueError, match="one generator per output row"):
+        ours.generate(batch["input_ids"], prompt_of_row=rows, generator=[torch.Generator()] * 2, do_sample=True,
+                      **greedy, **ours_kwargs(batch))
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_forward_after_prompts_equals_one_forward_per_row(untied, checkpointing):
+    # Teacher forcing over shared prompts (left-padded: the two images differ in size) equals forward_hidden over
+    # each prompt + row, in values and in the gradients of every weight, whatever the rows' padding.
+    _, ours, _ = untied
+    batch = make_batch([(["wide"], 2), (["tall"], 5)], seed=22)
+    prompts, prompt_mask = batch["input_ids"], batch["attention_mask"]
+    rows = torch.tensor([1, 0, 1])
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, TEXT_IDS, (3, 6), generator=g)
+    lengths = torch.tensor([6, 3, 1])
+    mask = torch.arange(6)[None] < lengths[:, None]
+    tokens = tokens.masked_fill(~mask, PAD)
+    grids, pixels = batch["image_grid_thw"], batch["pixel_values"].split(batch["image_grid_thw"].prod(-1).tolist())
+    weights = [p for p in ours.parameters() if p.ndim == 2 and not p.shape[0] == ours.config.text.vocab_size]
+    ours.gradient_checkpointing = checkpointing
+    try:
+        h = ours.forward_hidden_after_prompts(prompts, prompt_mask, tokens, rows, **{
+            k: batch[k] for k in ("pixel_values", "image_grid_thw")})
+        lp = ours.token_logprobs(h, tokens)[mask]
+        got = torch.autograd.grad(lp.sum(), weights)
+        want_h, want_lp = [], []
+        for r, i in enumerate(rows.tolist()):
+            keep = prompt_mask[i].bool()
+            ids = torch.cat([prompts[i, keep], tokens[r]])[None]
+            attn = torch.cat([torch.ones(int(keep.sum()), dtype=torch.long), mask[r].long()])[None]
+            full = ours.forward_hidden(ids, pixels[i], grids[i:i + 1], attn, pad_states=False)
+            p = int(keep.sum())
+            want_h.append(full[0, p - 1:p - 1 + 6])
+            want_lp.append(ours.token_logprobs(want_h[-1][None], tokens[r:r + 1])[0][mask[r]])
+        want_lp = torch.cat(want_lp)
+        want = torch.autograd.grad(want_lp.sum(), weights)
+    finally:
+        ours.gradient_checkpointing = False
+    assert rel_err(lp, want_lp) <= 1e-5
+    for r in range(3):
+        n = int(lengths[r])
+        assert rel_err(h[r, :n], want_h[r][:n]) <= 1e-5
+    for a, b in zip(got, want):
+        assert rel_err(a, b) <= 1e-4
+    with pytest.raises(ValueError, match="prompt index in"):
+        ours.forward_hidden_after_prompts(prompts, prompt_mask, tokens, [0, 1], **{
+            k: batch[k] for k in ("pixel_values", "image_grid_thw")})
+
+
+def test_image_features_replace_pixel_values(untied):
+    _, ours, _ = untied
+    batch = make_batch([(["wide"], 2), (["tall"], 3)], seed=23)
+    with torch.no_grad():
+        features = ours.visual(batch["pixel_values"], batch["image_grid_thw"])
+        a = ours.forward_hidden(batch["input_ids"], attention_mask=batch["attention_mask"], **{
+            k: batch[k] for k in ("pixel_values", "image_grid_thw")})
+        b = ours.forward_hidden(batch["input_ids"], attention_mask=batch["attention_mask"],
+                                image_grid_thw=batch["image_grid_thw"], image_features=features)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="image_features shape"):
+        ours.forward_hidden(batch["input_ids"], attention_mask=batch["attention_mask"],
+                            image_grid_thw=batch["image_grid_thw"], image_features=features[1:])
+    with pytest.raises(ValueError, match="not both"):
+        ours.forward_hidden(batch["input_ids"], attention_mask=batch["attention_mask"], image_features=features,
+                            **{k: batch[k] for k in ("pixel_values", "image_grid_thw")})

@@ -7,7 +7,7 @@ import torch
 from PIL import Image
 
 from model.flow import flow_sigmas, guided_velocity, sample_ode
-from model.lora import apply_lora, frozen_lora_layers, lora_layers
+from model.lora import apply_lora, frozen_lora_layers, lora_layers, lora_parameters
 from model.uae import NEGATIVE_PROMPT, UAE
 from tests.fake_release import LLM_LORA_MODULES, build_fake_release
 from train.data import procedural_scene
@@ -198,3 +198,51 @@ def test_captions_end_before_a_sampled_placeholder(tiny, monkeypatch):
     assert texts == [p.batch_decode([out.new_tokens[i, :n].tolist()])[0].strip() for i, n in enumerate([2, 3])]
     context = tiny.caption_context(inputs, out.new_tokens, out.mask)  # raised "... image tokens ..." before
     assert context.shape[:2] == out.new_tokens.shape
+
+
+def test_group_captions_share_the_prefill_and_rows_keep_their_seeds(tiny):
+    # G captions per image in one batch (UAE.caption with image_of): each equals the caption of its image alone
+    # from the same seed, and the rows' inputs (vision once per image, prompts shared) give the log-probs and
+    # gradients of one full forward per caption.
+    images = [procedural_scene(i, size=64)[0] for i in range(2)]
+    image_of, seeds = [0, 1, 1, 0, 1], [5, 6, 7, 8, 9]
+    texts, rows, out = tiny.caption(images, max_new_tokens=10, temperature=1.0, image_of=image_of,
+                                    generator=[torch.Generator().manual_seed(s) for s in seeds], return_output=True)
+    for text, i, s in zip(texts, image_of, seeds):
+        assert tiny.caption([images[i]], max_new_tokens=10, temperature=1.0,
+                            generator=[torch.Generator().manual_seed(s)]) == [text]
+    model = UAE.tiny(seed=0)
+    apply_lora(model.lvlm.language_model, ["q_proj", "v_proj"], rank=2, alpha=4.0, init="gaussian")
+    with torch.no_grad():  # B starts at zero, which would leave A without a gradient to compare
+        for b in lora_parameters(model.lvlm)[1::2]:
+            b.normal_(0, 0.1, generator=torch.Generator().manual_seed(b.numel()))
+    rows = model.caption_rows(model.caption_inputs(images), image_of)
+    per_caption = model.caption_inputs([images[i] for i in image_of])
+    grads = []
+    for inputs in (rows, per_caption):
+        lp = model.caption_logprobs(inputs, out.new_tokens, out.mask)[out.mask]
+        grads.append((lp, torch.autograd.grad(lp.sum(), lora_parameters(model.lvlm))))
+    assert rel_err(grads[0][0], grads[1][0]) <= 1e-5
+    for a, b in zip(grads[0][1], grads[1][1]):
+        assert rel_err(a, b) <= 1e-4
+    # A group whose captions end at once (one token: the end of turn) takes the prompt-only path.
+    ends = torch.full((2, 1), tiny.processor.im_end_id)
+    one = tiny.caption_rows(tiny.caption_inputs(images[:1]), [0, 0])
+    full = tiny.caption_inputs(images[:1] * 2)
+    mask = torch.ones_like(ends, dtype=torch.bool)
+    assert rel_err(tiny.caption_logprobs(one, ends, mask), tiny.caption_logprobs(full, ends, mask)) <= 1e-5
+    with pytest.raises(ValueError, match="image index in"):
+        tiny.caption_rows(tiny.caption_inputs(images[:1]), [0, 1])
+
+
+def test_generate_with_a_generator_per_prompt_matches_each_alone(tiny):
+    prompts = ["a red circle", "a much longer caption: two blue squares on a green background"]
+    pad_to = tiny.generate_ids([NEGATIVE_PROMPT] + prompts)[0].shape[1]
+    both = tiny.generate(prompts, steps=2, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
+                         output_type="tensor", pad_to=pad_to)
+    for i, s in enumerate((1, 2)):
+        alone = tiny.generate(prompts[i:i + 1], steps=2, generator=torch.Generator().manual_seed(s),
+                              output_type="tensor", pad_to=pad_to)
+        assert rel_err(both[i], alone[0]) <= 1e-5
+    with pytest.raises(ValueError, match="one generator per prompt"):
+        tiny.generate(prompts, steps=1, generator=[torch.Generator()])

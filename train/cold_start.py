@@ -123,22 +123,22 @@ def main(argv: list[str] | None = None) -> dict:
         seeds = torch.randint(2**31 - 1, (o.batch_size,), generator=gen)[mine].tolist()
         mine_images = [im for im, _ in images[mine]]
 
-        # 1. Captions (sampled, no gradient through the tokens), one seeded generator per image; each ends before any
-        #    sampled image placeholder (UAE.caption), so the caption re-encodes with its image.
+        # 1. Captions (sampled, no gradient through the tokens) as one batch, one seeded generator per image (a
+        #    caption does not depend on the rows beside it); each ends before any sampled image placeholder
+        #    (UAE.caption), so the caption re-encodes with its image.
         kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
-        outs = [uae.caption([im], temperature=o.caption_temperature, generator=torch.Generator().manual_seed(s),
-                            return_output=True, **kw)[2] for im, s in zip(mine_images, seeds)]
-        n_max = global_max(max(out.new_tokens.shape[1] for out in outs))  # the global batch's padding
-        pad = uae.processor.pad_token_id
-        tokens = torch.cat([torch.nn.functional.pad(out.new_tokens, (0, n_max - out.new_tokens.shape[1]), value=pad)
-                            for out in outs])
-        masks = torch.cat([torch.nn.functional.pad(out.mask, (0, n_max - out.mask.shape[1]), value=False)
-                           for out in outs])
+        _, inputs, out = uae.caption(mine_images, temperature=o.caption_temperature,
+                                     generator=[torch.Generator().manual_seed(s) for s in seeds], return_output=True,
+                                     **kw)
+        extra = global_max(out.new_tokens.shape[1]) - out.new_tokens.shape[1]  # the global batch's padding
+        tokens = torch.nn.functional.pad(out.new_tokens, (0, extra), value=uae.processor.pad_token_id)
+        masks = torch.nn.functional.pad(out.mask, (0, extra), value=False)
 
-        # 2. Differentiable reconstruction conditioned on the caption tokens' hidden states (image in context):
-        #    Euler ODE sampling with gradients through every step (or the last --grad-last-k), both CFG branches.
+        # 2. Differentiable reconstruction conditioned on the caption tokens' hidden states (image in context; the
+        #    frozen vision tower's features come with the captions' inputs): Euler ODE sampling with gradients
+        #    through every step (or the last --grad-last-k), both CFG branches.
         opt.zero_grad(set_to_none=True)
-        context = uae.caption_context(uae.caption_inputs(mine_images), tokens, masks)
+        context = uae.caption_context(inputs, tokens, masks)
         with torch.no_grad():
             negative = uae.encode_text([NEGATIVE_PROMPT]).expand(len(mine_images), -1, -1) if guidance else None
         latents = sample_ode(uae.velocity_fn(context, negative), noise, sigmas, guidance_scale=guidance,

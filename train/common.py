@@ -234,12 +234,18 @@ def encode_text(uae, texts: list[str]) -> torch.Tensor:
     return uae.encode_text(texts, pad_to=global_max(uae.generate_ids(texts)[0].shape[1]))
 
 
-def condition(uae, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`uae.condition` (the negative prompt padded together with the positives) padded like `encode_text`."""
+def condition_length(uae, prompts: list[str], guidance_scale: float) -> int:
+    """The token length every rank pads `prompts` to (with the negative prompt, which is padded together with them
+    under guidance): the longest over all ranks, so a prompt's conditioning never depends on the rank layout."""
     from model.uae import NEGATIVE_PROMPT
 
     padded_together = ([NEGATIVE_PROMPT] if guidance_scale > 1.0 else []) + list(prompts)
-    return uae.condition(prompts, guidance_scale, pad_to=global_max(uae.generate_ids(padded_together)[0].shape[1]))
+    return global_max(uae.generate_ids(padded_together)[0].shape[1])
+
+
+def condition(uae, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`uae.condition` (the negative prompt padded together with the positives) padded like `encode_text`."""
+    return uae.condition(prompts, guidance_scale, pad_to=condition_length(uae, prompts, guidance_scale))
 
 
 def reduce_stats(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
@@ -700,6 +706,18 @@ def build_dataset(o: RunOptions, need_caption: bool):
     if o.data:
         return ImageCaptionDataset(o.data, need_caption=need_caption)
     return ProceduralDataset(o.procedural_images, o.size, o.seed)
+
+
+@torch.no_grad()
+def group_rewards(reward_fn, images: list, image_of: list[int], recon: torch.Tensor, size: int) -> torch.Tensor:
+    """Reward [R] of reconstruction r against its source images[image_of[r]] (`image_of` ascending, as a rank's rows
+    are): each source's features are computed once for its group's rows, not once per row."""
+    from train.data import pil_to_tensor
+
+    first = image_of[0]
+    sources = pil_to_tensor(images[first:image_of[-1] + 1], size).to(recon.device)
+    features = reward_fn.source_features(sources)
+    return reward_fn(None, recon, source_features=features[[i - first for i in image_of]])
 
 
 def build_reward(clip_path: str, tiny: bool, seed: int, dtype: torch.dtype, device: torch.device):

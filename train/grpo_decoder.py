@@ -51,11 +51,11 @@ from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
 from model.uae import DIT_LORA_TARGETS
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, all_gather_cat,
                           apply_optimizer_options, average_gradients, build_dataset, build_reward, build_uae, condition,
-                          finish_run, finite, init_distributed, is_tiny, open_run_folder, option, parse_dtype,
-                          parse_options, reduce_stats, require, rng_state, run_script, save_run_checkpoint,
-                          set_rng_state, split_for_rank, step_generator, trained_adapter, warn_single_sample_groups,
-                          warn_zero_advantages)
-from train.data import ResumableSampler, SamplerState, pil_to_tensor
+                          finish_run, finite, group_rewards, init_distributed, is_tiny, open_run_folder, option,
+                          parse_dtype, parse_options, reduce_stats, require, rng_state, run_script,
+                          save_run_checkpoint, set_rng_state, split_for_rank, step_generator, trained_adapter,
+                          warn_single_sample_groups, warn_zero_advantages)
+from train.data import ResumableSampler, SamplerState
 from train.rl import EMA, flow_grpo_loss, group_advantages
 
 
@@ -223,16 +223,17 @@ def main(argv: list[str] | None = None) -> dict:
         step_noise = torch.randn(n_traj, o.sample_steps, *latent_shape, generator=gen)[mine].to(d.device)
         cap_seeds = torch.randint(2**31 - 1, (o.images_per_step,), generator=gen).tolist()
 
-        # 1. Captions of this rank's images: cached in the dataset, or from the frozen captioner (one seeded
-        #    generator per image).
+        # 1. Captions of this rank's images: cached in the dataset, or from the frozen captioner as one batch (one
+        #    seeded generator per image: a caption does not depend on the images beside it).
         image_of = [i // o.group_size for i in range(n_traj)][mine]
         captions = {i: batch[i][1] for i in set(image_of)} if o.dataset_captions else {}
-        for i in sorted(set(image_of) - set(captions)):
-            kw = dict(do_sample=o.caption_temperature > 0, temperature=o.caption_temperature or 1.0,
-                      generator=torch.Generator().manual_seed(cap_seeds[i]))
-            if o.caption_tokens:
-                kw["max_new_tokens"] = o.caption_tokens
-            captions[i] = uae.caption([images[i]], **kw)[0]
+        todo = sorted(set(image_of) - set(captions))
+        if todo:
+            kw = {"max_new_tokens": o.caption_tokens} if o.caption_tokens else {}
+            texts = uae.caption([images[i] for i in todo], do_sample=o.caption_temperature > 0,
+                                temperature=o.caption_temperature or 1.0,
+                                generator=[torch.Generator().manual_seed(cap_seeds[i]) for i in todo], **kw)
+            captions.update(zip(todo, texts))
         prompts = [captions[i] for i in image_of]
 
         # 2. Rollouts with the current policy (adapters on), the SDE steps' log-probs recorded.
@@ -244,8 +245,7 @@ def main(argv: list[str] | None = None) -> dict:
         # 3. Reward: reconstruction similarity to the source image.
         with torch.no_grad():
             recon = uae.vae.decode(uae.vae.from_model_latents(traj.latents[:, -1].to(dtype))).float()
-            sources = pil_to_tensor([images[i] for i in image_of], o.size).to(d.device)
-            rewards = reward_fn(sources, recon)
+            rewards = group_rewards(reward_fn, images, image_of, recon, o.size)
         all_rewards = all_gather_cat(rewards.float())
         advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip,
                                       global_std=o.adv_std == "global")

@@ -6,8 +6,18 @@ and reconstruction. Token-level clipped objective with the k3 KL to the referenc
 
     J = 1/G sum_i 1/|o_i| sum_t [min(rho A_i, clip(rho, 1-eps, 1+eps) A_i) - beta KL_t]
 
-Per-token log-probs of the policy, the old policy and the reference all come from one code path
-(`UAE.caption_logprobs`: forward_hidden -> `lvlm.token_logprobs`), where the fused log-prob kernel plugs in.
+Per-token log-probs of the policy and the reference come from one code path (`UAE.caption_logprobs`: forward_hidden
+-> `lvlm.token_logprobs`), where the fused log-prob kernel plugs in; one optimizer step per batch of rollouts, so the
+old policy's log-probs are the policy's own, detached (`policy_loss`, TRL's num_iterations = 1).
+
+A rank's share of the step runs as batches, not caption by caption (`sample_captions`, `render_captions`): each
+image's vision features and prompt prefill are computed once and its KV cache copied to its G rows, which decode as
+one batch; the captions render as one DiT batch; the log-prob forwards reuse the image features and run each
+prompt once for its G captions (`Qwen25VL.forward_hidden_after_prompts`). Every caption and every initial noise has
+its own seeded generator, so what a caption samples and renders does not depend on the rows beside it: N processes
+equal one process with the same global batch up to float rounding of the batched matmuls (tested to 1e-5). Texts are
+padded for the DiT to the step's longest over all ranks, as stage 3 pads (the DiT has no text mask).
+bench/grpo_encoder_step.py times this against the caption-by-caption step.
 
 The reference policy is the model this stage started from (the new adapter off, every earlier adapter on); its
 forward runs only when beta > 0 (TRL's GRPOTrainer skips the reference model at beta 0 too).
@@ -41,11 +51,12 @@ import torch
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
 from model.uae import LLM_LORA_TARGETS
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, apply_optimizer_options,
-                          average_gradients, build_dataset, build_reward, build_uae, finish_run, finite,
-                          init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options, reduce_stats,
-                          require, rng_state, run_script, save_run_checkpoint, set_rng_state, split_for_rank,
-                          step_generator, trained_adapter, warn_single_sample_groups, warn_zero_advantages)
-from train.data import ResumableSampler, SamplerState, pil_to_tensor
+                          average_gradients, build_dataset, build_reward, build_uae, condition_length, finish_run,
+                          finite, group_rewards, init_distributed, is_tiny, open_run_folder, option, parse_dtype,
+                          parse_options, reduce_stats, require, rng_state, run_script, save_run_checkpoint,
+                          set_rng_state, split_for_rank, step_generator, trained_adapter, warn_single_sample_groups,
+                          warn_zero_advantages)
+from train.data import ResumableSampler, SamplerState
 from train.rl import group_advantages, grpo_loss
 
 
@@ -82,6 +93,7 @@ class Options(RunOptions):
     loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
     logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
+    cuda_graph: bool = option(False, "replay the caption decode steps as CUDA graphs (model/graph_decode.py; CUDA)")
 
     def check(self) -> None:
         super().check()
@@ -102,10 +114,48 @@ class Options(RunOptions):
                 f"--loss-norm must be sequence_mean or token_mean, got {self.loss_norm!r}")
         require(self.logprob in ("fused", "naive"), f"--logprob must be fused or naive, got {self.logprob!r}")
         require(any(t for t in self.lora_targets.split(",")), "--lora-targets names no module")
+        require(not (self.cuda_graph and self.device == "cpu"), "--cuda-graph needs a CUDA device, not --device cpu")
 
 
 RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha",
                            "lora_targets", "seed")
+
+
+def sample_captions(uae, images: list, image_of: list[int], seeds: list[int], o: Options):
+    """Caption row r of image images[image_of[r]] from generator seed seeds[r], all rows as one batch: each image's
+    vision features and prompt prefill are computed once and its KV cache copied to its rows (`UAE.caption` with
+    `image_of`); one generator per row, so a caption depends on its seed, not on the rows beside it or the rank
+    layout. Captions end before any sampled image placeholder. Returns (tokens [R, N], mask [R, N], texts, the rows'
+    inputs with the image features for the log-prob forwards)."""
+    first = image_of[0]
+    kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
+    texts, inputs, out = uae.caption(images[first:image_of[-1] + 1], do_sample=True, temperature=o.temperature,
+                                     generator=[torch.Generator().manual_seed(s) for s in seeds], return_output=True,
+                                     image_of=[i - first for i in image_of], cuda_graph=o.cuda_graph, **kw)
+    return out.new_tokens, out.mask, texts, inputs
+
+
+def render_captions(uae, texts: list[str], seeds: list[int], o: Options) -> torch.Tensor:
+    """The frozen decoder's images [R, 3, size, size] of `texts`, as one batch: image r from the initial noise of
+    generator seed seeds[r]; every text (and the negative prompt) padded to the longest of the step over all ranks
+    (`condition_length`: the DiT has no text mask, so the padding is part of the condition, as stage 3 renders)."""
+    return uae.generate(texts, o.size, o.size, o.gen_steps, o.guidance_scale,
+                        [torch.Generator().manual_seed(s) for s in seeds], output_type="tensor",
+                        pad_to=condition_length(uae, texts, o.guidance_scale))
+
+
+def policy_loss(uae, inputs: dict, tokens: torch.Tensor, masks: torch.Tensor, advantages: torch.Tensor,
+                o: Options) -> tuple[torch.Tensor, dict]:
+    """GRPO's loss (train/rl.py `grpo_loss`) of one step's captions, differentiable to the adapter. Each batch of
+    rollouts gets one optimizer step (TRL's num_iterations = 1), so the old policy is the current one: its log-probs
+    are the policy's own, detached (ratio 1, as TRL's GRPOTrainer takes them), and only the policy forward and, with
+    beta > 0, the reference forward (the new adapter off) run, both through `UAE.caption_logprobs`."""
+    logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
+    ref_logp = None
+    if o.beta > 0:
+        with torch.no_grad(), lora_disabled(uae.lvlm):
+            ref_logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
+    return grpo_loss(logp, logp.detach(), ref_logp, advantages, masks, o.clip_eps, o.beta, reduction=o.loss_norm)
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -155,47 +205,21 @@ def main(argv: list[str] | None = None) -> dict:
             seeds[:, 1] = fixed[image_of]
         seeds, image_of = seeds[mine].tolist(), image_of[mine]
 
-        # 1. Sample this rank's captions (one seeded generator per caption: independent of the rank layout). Each
-        #    caption ends before any sampled image placeholder (UAE.caption).
-        kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
-        rows = []
-        for k, i in enumerate(image_of):
-            _, _, out = uae.caption([images[i]], do_sample=True, temperature=o.temperature,
-                                    generator=torch.Generator().manual_seed(seeds[k][0]), return_output=True, **kw)
-            rows.append((out.new_tokens[0], out.mask[0]))
-        n_max = max(t.shape[0] for t, _ in rows)
-        pad = uae.processor.pad_token_id
-        tokens = torch.stack([torch.nn.functional.pad(t, (0, n_max - t.shape[0]), value=pad) for t, _ in rows])
-        masks = torch.stack([torch.nn.functional.pad(m, (0, n_max - m.shape[0]), value=False) for _, m in rows])
-        inputs = uae.caption_inputs([images[i] for i in image_of])
-        texts = [t.strip() for t in uae.processor.batch_decode(tokens.masked_fill(~masks, pad).tolist())]
-
-        # 2. Render each caption with the frozen decoder and score it against its source.
+        # 1. Sample this rank's captions as one batch (`sample_captions`) and 2. render them as one batch with the
+        #    frozen decoder (`render_captions`), scored against their sources.
+        tokens, masks, texts, inputs = sample_captions(uae, images, image_of, [s for s, _ in seeds], o)
         with torch.no_grad():
-            recon = []
-            for k, text in enumerate(texts):
-                g = torch.Generator().manual_seed(seeds[k][1])
-                recon.append(uae.generate([text], o.size, o.size, o.gen_steps, o.guidance_scale, g,
-                                          output_type="tensor"))
-            recon = torch.cat(recon)
-            sources = pil_to_tensor([images[i] for i in image_of], o.size).to(d.device)
-            rewards = reward_fn(sources, recon)
+            recon = render_captions(uae, texts, [s for _, s in seeds], o)
+            rewards = group_rewards(reward_fn, images, image_of, recon, o.size)
         all_rewards = all_gather_cat(rewards.float())
         advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)
         if o.group_size > 1:
             warn_zero_advantages(step, advantages, d.is_main)
         advantages = advantages[mine]
 
-        # 3. Old-policy (and, with beta > 0, reference) log-probs through the same path, then the clipped update.
-        with torch.no_grad():
-            old_logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
-            ref_logp = None
-            if o.beta > 0:
-                with lora_disabled(uae.lvlm):
-                    ref_logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
+        # 3. The clipped objective (`policy_loss`) and one optimizer step.
         opt.zero_grad(set_to_none=True)
-        logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
-        loss, st = grpo_loss(logp, old_logp, ref_logp, advantages, masks, o.clip_eps, o.beta, reduction=o.loss_norm)
+        loss, st = policy_loss(uae, inputs, tokens, masks, advantages, o)
         loss.backward()
         average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
