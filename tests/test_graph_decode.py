@@ -44,7 +44,7 @@ def batch(seed, image=True, length=0):
 
 def run(model, ids, mask, extra, cuda_graph, **kw):
     kw = {**dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, return_hidden=True), **kw}
-    if kw.get("do_sample"):
+    if kw.get("do_sample") and "generator" not in kw:
         kw["generator"] = torch.Generator(ids.device).manual_seed(3)
     return model.generate(ids, mask, cuda_graph=cuda_graph, **extra, **kw)
 
@@ -83,6 +83,17 @@ def test_graph_path_equals_plain_path(model, counting, kw):
     assert counting.calls == 1
     assert_same(graphed, plain)
     assert not torch.equal(graphed.hidden[:, -1], graphed.hidden[:, -2])  # outputs are copies, not the buffers
+
+
+def test_graph_path_with_shared_prompts_and_a_generator_per_row(model, counting):
+    # GRPO's stage 2: G rows per prompt (prompt_of_row: the prompts' cache rows copied into the graph's cache),
+    # each sampled from its own generator.
+    ids, mask, extra = batch(5)
+    rows = [0, 0, 2, 1, 2]
+    outs = [run(model, ids, mask, extra, graphed, do_sample=True, temperature=0.9, prompt_of_row=rows,
+                generator=[torch.Generator().manual_seed(s) for s in range(5)]) for graphed in (False, True)]
+    assert counting.calls == 1
+    assert_same(outs[1], outs[0])
 
 
 def test_graph_reused_across_calls_and_cache_reset(model, counting):
