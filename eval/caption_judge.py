@@ -33,10 +33,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from eval.cli import at_least, parser, positive_float, refuse_overwrite, write_json
+from model.image_io import IMAGE_SUFFIXES
 
 CRITERIA = ("comprehensiveness", "fluency", "insight")
 VERDICTS = ("A", "B", "tie")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 SYSTEM_PROMPT = "You are a meticulous, impartial judge of image captions. You answer with one JSON object only."
 

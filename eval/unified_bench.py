@@ -44,10 +44,9 @@ from eval.cli import (HelpFormatter, at_least, device, output_names, parser, ref
 from eval.model_args import (add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, check_model_args,
                              check_size, load_model)
 from eval.reward import Backbone
-from model.image_io import load_rgb
+from model.image_io import IMAGE_SUFFIXES, load_rgb
 
 BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 RECON_PREFIX = "recon_"
 
 

@@ -7,7 +7,7 @@ group, so grouped-query attention needs no atomics and is deterministic) and one
 
 Conventions:
 - Dense: q [B,H,Lq,D], k/v [B,Hkv,Lk,D] with Hkv dividing H; query head h reads key/value head h // (H/Hkv), the
-  same pairing as `repeat_interleave` in model/layers.py.
+  grouped-query pairing of Qwen2's attention (transformers' `repeat_kv`) and of SDPA's `enable_gqa`.
 - Varlen: q [total,H,D], k/v [total,Hkv,D] packed back to back; cu_seqlens int32 [n+1] cuts the rows into segments
   that attend only within themselves (Qwen2.5-VL vision windows and per-image attention, flash-attn's varlen layout).
   One launch covers every segment: the grid is (block, head, segment) and each program reads its segment's bounds

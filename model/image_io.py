@@ -22,7 +22,10 @@ import os
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["open_image", "to_rgb", "load_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "open_image", "to_rgb", "load_rgb"]
+
+# The file suffixes the dataset readers and eval tools take as images (lower case; compare with `suffix.lower()`).
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 # Errors Pillow raises for a file it cannot decode (truncated data, unknown format, bad header or EXIF block, or a
 # pixel count past its decompression-bomb limit).

@@ -210,14 +210,6 @@ def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return t
-    t = t.clone()
-    dist.all_reduce(t)
-    return t / dist.get_world_size()
-
-
 def global_max(n: int) -> int:
     """The largest `n` over ranks (identity for one process)."""
     if not dist.is_initialized() or dist.get_world_size() == 1:

@@ -10,9 +10,8 @@ from pathlib import Path
 import torch
 from PIL import Image, ImageDraw
 
-from model.image_io import load_rgb, to_rgb
+from model.image_io import IMAGE_SUFFIXES, load_rgb, to_rgb
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 _COLORS = {"red": (220, 40, 40), "green": (40, 180, 60), "blue": (40, 70, 220), "yellow": (235, 210, 40),
            "purple": (140, 60, 180), "orange": (240, 140, 30), "white": (245, 245, 245), "black": (20, 20, 20)}
@@ -147,9 +146,6 @@ class ResumableSampler:
             elif tries > max(4 * n, 2 * len(self.dataset)):
                 raise RuntimeError("too many undecodable images in a row; check the dataset")
         return out
-
-    def epochs_done(self) -> float:
-        return self.state.epoch + self.state.position / max(len(self.dataset), 1)
 
 
 def pil_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
