@@ -35,12 +35,11 @@ import torch
 from model.flow import flow_sigmas, sample_ode
 from model.lora import apply_lora, load_lora, lora_parameters
 from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS, NEGATIVE_PROMPT
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, apply_optimizer_options,
-                          average_gradients, build_dataset, build_reward, build_uae, finish_run, finite, global_max,
-                          init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options, reduce_stats,
-                          require, rng_state, run_script, save_run_checkpoint, set_rng_state, split_for_rank,
-                          step_generator, trained_adapter)
-from train.data import ResumableSampler, SamplerState, pil_to_tensor
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
+                          build_reward, build_uae, finish_run, finite, global_max, init_distributed, is_tiny,
+                          open_run_folder, option, parse_dtype, parse_options, reduce_stats, require, resume_loop,
+                          rng_state, run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
+from train.data import ResumableSampler, pil_to_tensor
 
 
 @dataclass
@@ -101,15 +100,10 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = build_dataset(o, need_caption=False)
     sampler = ResumableSampler(dataset, seed=o.seed)
-    start = 0
     if state is not None:  # the trained connector came back with the checkpoint's model/ (build_uae)
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
         load_lora(uae.dit, trained_adapter(folder, "dit"))
-        opt.load_state_dict(state["optimizer"])
-        apply_optimizer_options(opt, o, d.is_main)
-        sampler.state = SamplerState(**state["sampler"])
-        start = state["step"]
-        set_rng_state(state["rng"])
+    start = resume_loop(state, opt, sampler, o, d.is_main)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)

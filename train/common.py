@@ -585,6 +585,23 @@ def apply_optimizer_options(opt: torch.optim.Optimizer, o, is_main: bool) -> Non
                   flush=True)
 
 
+def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, o, is_main: bool,
+                load_optimizer=None) -> int:
+    """Continue a training loop from a checkpoint's `state` (None: a fresh run, step 0): the optimizer's state (with
+    `load_optimizer`, e.g. FSDP2's resharding load, else `opt.load_state_dict`), then this run's --lr and
+    --weight-decay (`apply_optimizer_options`), the sampler's position and the RNG. Returns the step it ended at.
+    The trained weights come back separately (build_uae, the scripts' adapters)."""
+    if state is None:
+        return 0
+    from train.data import SamplerState
+
+    (load_optimizer or opt.load_state_dict)(state["optimizer"])
+    apply_optimizer_options(opt, o, is_main)
+    sampler.state = SamplerState(**state["sampler"])
+    set_rng_state(state["rng"])
+    return state["step"]
+
+
 def finish_run(o, log: "MetricsLogger") -> None:
     """The end of a training script's main(): close the metrics file, release the run folder, leave the process
     group."""

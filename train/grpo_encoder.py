@@ -50,13 +50,12 @@ import torch
 
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
 from model.uae import LLM_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, apply_optimizer_options,
-                          average_gradients, build_dataset, build_reward, build_uae, condition_length, finish_run,
-                          finite, group_rewards, init_distributed, is_tiny, open_run_folder, option, parse_dtype,
-                          parse_options, reduce_stats, require, rng_state, run_script, save_run_checkpoint,
-                          set_rng_state, split_for_rank, step_generator, trained_adapter, warn_single_sample_groups,
-                          warn_zero_advantages)
-from train.data import ResumableSampler, SamplerState
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
+                          build_dataset, build_reward, build_uae, condition_length, finish_run, finite, group_rewards,
+                          init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options, reduce_stats,
+                          require, resume_loop, rng_state, run_script, save_run_checkpoint, split_for_rank,
+                          step_generator, trained_adapter, warn_single_sample_groups, warn_zero_advantages)
+from train.data import ResumableSampler
 from train.rl import group_advantages, grpo_loss
 
 
@@ -181,14 +180,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = build_dataset(o, need_caption=False)
     sampler = ResumableSampler(dataset, seed=o.seed)
-    start = 0
     if state is not None:
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
-        opt.load_state_dict(state["optimizer"])
-        apply_optimizer_options(opt, o, d.is_main)
-        sampler.state = SamplerState(**state["sampler"])
-        start = state["step"]
-        set_rng_state(state["rng"])
+    start = resume_loop(state, opt, sampler, o, d.is_main)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}

@@ -47,11 +47,11 @@ import torch
 from eval.model_args import caption_prompt
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import LLM_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, apply_optimizer_options,
-                          average_gradients, build_dataset, build_uae, finish_run, init_distributed, open_run_folder,
-                          option, parse_dtype, parse_options, reduce_stats, require, rng_state, run_script,
-                          save_run_checkpoint, set_rng_state, split_for_rank, trained_adapter)
-from train.data import ResumableSampler, SamplerState
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
+                          build_uae, finish_run, init_distributed, open_run_folder, option, parse_dtype, parse_options,
+                          reduce_stats, require, resume_loop, rng_state, run_script, save_run_checkpoint,
+                          split_for_rank, trained_adapter)
+from train.data import ResumableSampler
 
 
 @dataclass
@@ -123,15 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = build_dataset(o, need_caption=True)
     sampler = ResumableSampler(dataset, seed=o.seed)
-    start = 0
-    if state is not None:  # trained LVLM weights came back with the checkpoint's model/ (build_uae)
-        if o.lora_rank > 0:
-            load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
-        opt.load_state_dict(state["optimizer"])
-        apply_optimizer_options(opt, o, d.is_main)
-        sampler.state = SamplerState(**state["sampler"])
-        start = state["step"]
-        set_rng_state(state["rng"])
+    if state is not None and o.lora_rank > 0:  # full LVLM weights came back with the checkpoint's model/ (build_uae)
+        load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
+    start = resume_loop(state, opt, sampler, o, d.is_main)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     pad = uae.processor.pad_token_id

@@ -39,12 +39,11 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import DIT_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, apply_optimizer_options,
-                          average_gradients, build_dataset, build_uae, encode_text, finish_run, finite,
-                          init_distributed, open_run_folder, option, parse_dtype, parse_options, reduce_stats, require,
-                          rng_state, run_script, save_run_checkpoint, set_rng_state, split_for_rank, step_generator,
-                          trained_adapter)
-from train.data import ResumableSampler, SamplerState, pil_to_tensor
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
+                          build_uae, encode_text, finish_run, finite, init_distributed, open_run_folder, option,
+                          parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
+                          save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
+from train.data import ResumableSampler, pil_to_tensor
 
 
 @dataclass
@@ -136,19 +135,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = build_dataset(o, need_caption=True)
     sampler = ResumableSampler(dataset, seed=o.seed)
-    start = 0
-    if state is not None:  # trained DiT weights and connector came back with the checkpoint's model/ (build_uae)
-        if o.lora_rank > 0:
-            load_lora(uae.dit, trained_adapter(folder, "dit"))
-        if o.fsdp:  # a full (unsharded) optimizer state, resharded onto this run's ranks
-            set_optimizer_state_dict(trained, opt, optim_state_dict=state["optimizer"],
-                                     options=StateDictOptions(full_state_dict=True))
-        else:
-            opt.load_state_dict(state["optimizer"])
-        apply_optimizer_options(opt, o, d.is_main)
-        sampler.state = SamplerState(**state["sampler"])
-        start = state["step"]
-        set_rng_state(state["rng"])
+    if state is not None and o.lora_rank > 0:  # trained DiT weights and connector came back with model/ (build_uae)
+        load_lora(uae.dit, trained_adapter(folder, "dit"))
+
+    def load_full_optimizer_state(optim_state: dict) -> None:  # FSDP: a full state, resharded onto this run's ranks
+        set_optimizer_state_dict(trained, opt, optim_state_dict=optim_state,
+                                 options=StateDictOptions(full_state_dict=True))
+
+    start = resume_loop(state, opt, sampler, o, d.is_main, load_full_optimizer_state if o.fsdp else None)
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     metrics: dict = {}
