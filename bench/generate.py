@@ -1,5 +1,5 @@
-"""Caption generation speed: our Qwen25VL.generate, eager and with CUDA-graph decode steps, against transformers'
-Qwen2_5_VLForConditionalGeneration.generate, same run, same GPU.
+"""Caption generation speed: our `generate` (model/qwen2_5_vl_generation.py), eager and with CUDA-graph decode steps,
+against transformers' Qwen2_5_VLForConditionalGeneration.generate, same run, same GPU.
 
 Random-initialised models at the real Qwen2.5-VL-3B shapes in bf16 (weights differ between the two: speed does not
 depend on them), text-only prompts of 64 random tokens, 256 sampled new tokens (temperature 0.7, no top-k/top-p), at
@@ -21,6 +21,7 @@ import torch  # noqa: E402
 
 from common import on  # noqa: E402
 from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig  # noqa: E402
+from model.qwen2_5_vl_generation import GenerationConfig, generate  # noqa: E402
 
 SMOKE_VOCAB = 1000
 SMOKE_IDS = dict(image_token_id=990, video_token_id=991, vision_start_token_id=992, vision_end_token_id=993)
@@ -79,8 +80,8 @@ def main(argv=None):
     sampling = dict(do_sample=True, temperature=0.7, top_k=0, top_p=1.0)
 
     def ours_gen(ids, n, cuda_graph, **kw):
-        out = ours.generate(ids, max_new_tokens=n, eos_token_id=eos, pad_token_id=0, cuda_graph=cuda_graph,
-                            **{**sampling, **kw})
+        config = GenerationConfig(max_new_tokens=n, eos_token_id=eos, pad_token_id=0, **{**sampling, **kw})
+        out = generate(ours, ids, config=config, cuda_graph=cuda_graph)
         return out.new_tokens.numel()
 
     def hf_gen(ids, n):
@@ -94,8 +95,9 @@ def main(argv=None):
         impls = {"ours eager": lambda: ours_gen(ids, new, False)}
         if cuda:
             impls["ours cuda-graph"] = lambda: ours_gen(ids, new, True)
-            same = torch.equal(ours.generate(ids, max_new_tokens=32, eos_token_id=eos, cuda_graph=True).sequences,
-                               ours.generate(ids, max_new_tokens=32, eos_token_id=eos, cuda_graph=False).sequences)
+            greedy = GenerationConfig(max_new_tokens=32, eos_token_id=eos)
+            same = torch.equal(generate(ours, ids, config=greedy, cuda_graph=True).sequences,
+                               generate(ours, ids, config=greedy, cuda_graph=False).sequences)
             rows.append(dict(impl="check: greedy graph == eager", batch=batch, new_tokens=32, match=same))
         if hf is not None:
             impls["hf generate"] = lambda: hf_gen(ids, new)

@@ -34,7 +34,7 @@ from model.flow import flow_sigmas  # noqa: E402
 from model.layers import set_attention_backend  # noqa: E402
 from model.lora import apply_lora, lora_parameters  # noqa: E402
 from model.mmdit import MMDiT, MMDiTConfig  # noqa: E402
-from model.uae import DIT_LORA_TARGETS, dit_velocity  # noqa: E402
+from model.uae import DIT_LORA_TARGETS, LORA_ALPHA, LORA_RANK, dit_velocity  # noqa: E402
 from model.vae import VAE, VAEConfig  # noqa: E402
 from train import grpo_decoder as gd  # noqa: E402
 from train.rl import group_advantages  # noqa: E402
@@ -44,7 +44,7 @@ class Pieces:
     def __init__(self, preset: str, smoke: bool, device, dtype, grad_ckpt: bool):
         self.dit = on(device, dtype, lambda: MMDiT(MMDiTConfig.preset(preset)))
         self.dit.requires_grad_(False)
-        apply_lora(self.dit, DIT_LORA_TARGETS.split(","), rank=32, alpha=64.0, init="gaussian")
+        apply_lora(self.dit, DIT_LORA_TARGETS.split(","), rank=LORA_RANK, alpha=LORA_ALPHA, init="gaussian")
         self.params = lora_parameters(self.dit)
         for p in self.params:  # trained adapters stay fp32 whatever the base dtype (as train/grpo_decoder.py)
             p.data = p.data.float()

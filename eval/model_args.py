@@ -55,8 +55,12 @@ def check_model_args(p: argparse.ArgumentParser, a: argparse.Namespace) -> None:
 
 
 def add_sampling_args(p: argparse.ArgumentParser) -> None:
-    """Decoder sampling options; None keeps the model's UAESettings (the release: 1024 px, 40 steps, CFG 5)."""
-    g = p.add_argument_group("sampling (default: the model's settings; the release: 1024 px, 40 steps, CFG 5)")
+    """Decoder sampling options; None keeps the model's UAESettings (the release's, or the tiny model's)."""
+    from model.uae import UAESettings
+
+    s = UAESettings()
+    g = p.add_argument_group(f"sampling (default: the model's settings; the release: {s.height} px, {s.steps} steps, "
+                             f"CFG {s.guidance_scale:g})")
     g.add_argument("--height", type=at_least(1), default=None,
                    help="image height in px: a multiple of the model's latent patch (16 px), at most what its DiT's "
                         "position table holds (SD3.5-large: 3072 px; the tiny model: 512 px)")

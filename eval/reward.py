@@ -79,14 +79,15 @@ class ReconstructionReward:
     """r = cos(f(x), f(x~)) per pair with a frozen backbone f. No gradient by default; `differentiable=True` (tensor
     inputs only) keeps the graph to the reconstruction for the cold-start loss 1 - r."""
 
-    def __init__(self, backbone: Backbone):
+    def __init__(self, backbone: Backbone, batch_size: int = 16):
         self.backbone = backbone
+        self.batch_size = batch_size  # PIL images per backbone forward
 
     def source_features(self, sources: list[Image.Image] | torch.Tensor) -> torch.Tensor:
         if isinstance(sources, torch.Tensor):
             with torch.no_grad():
                 return self.backbone.embed_tensor(sources)
-        return self.backbone.embed_pil(list(sources))
+        return self.backbone.embed_pil(list(sources), self.batch_size)
 
     def __call__(self, sources: list[Image.Image] | torch.Tensor | None,
                  reconstructions: list[Image.Image] | torch.Tensor,
@@ -102,7 +103,7 @@ class ReconstructionReward:
         else:
             if differentiable:
                 raise ValueError("differentiable rewards need reconstructions as tensors, not PIL images")
-            rec = self.backbone.embed_pil(list(reconstructions))
+            rec = self.backbone.embed_pil(list(reconstructions), self.batch_size)
         if ref.shape[0] != rec.shape[0]:
             raise ValueError(f"{ref.shape[0]} sources but {rec.shape[0]} reconstructions")
         return (ref.to(rec.device) * rec).sum(-1)

@@ -9,8 +9,9 @@ backbones that were scored) — a missing backbone is never silently dropped fro
     python -m eval.unified_bench score --source src/ --recon rec/ --out bench_out/ \
         --clip ckpt/clip-vit-large-patch14 --longclip ckpt/longclip-L.pt --dinov2 ckpt/dinov2-large \
         --dinov3 ckpt/dinov3-vitl16
-    # (b) the full loop on our model: caption every image with the Unified-Bench prompt, regenerate (the model's
-    #     released settings: 1024 px, 40 steps, CFG 5), score; --run adds a training run's result to the release
+    # (b) the full loop on our model: caption every image with the Unified-Bench prompt, regenerate (by default with
+    #     the model's settings, model.uae.UAESettings: the release's 1024 px, 40 steps, CFG 5), score; --run adds a
+    #     training run's result to the release
     python -m eval.unified_bench run --source src/ --out bench_out/ --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14
     python -m eval.unified_bench run --source src/ --out bench_out/ --uae ckpt/UAE --run runs/grpo_decoder \
         --clip ckpt/clip-vit-large-patch14
@@ -43,7 +44,7 @@ from eval.cli import (HelpFormatter, at_least, device, output_names, parser, ref
                       write_json, write_text)
 from eval.model_args import (add_model_args, add_prompt_arg, add_sampling_args, caption_prompt, check_model_args,
                              check_size, load_model)
-from eval.reward import Backbone
+from eval.reward import Backbone, ReconstructionReward
 from model.image_io import IMAGE_SUFFIXES, load_rgb
 
 BACKBONES = ("clip", "longclip", "dinov2", "dinov3")
@@ -151,9 +152,8 @@ def score_pairs(pairing: Pairing, backbones: dict[str, Backbone], out_dir: str |
         raise NoPairsError(f"no readable image pairs to score{unpaired}")
     scores: dict[str, torch.Tensor] = {}
     for bname, backbone in backbones.items():
-        a = backbone.embed_pil([x[1] for x in kept], batch_size)
-        b = backbone.embed_pil([x[2] for x in kept], batch_size)
-        scores[bname] = (a * b).sum(-1).cpu() * 100
+        reward = ReconstructionReward(backbone, batch_size)
+        scores[bname] = reward([x[1] for x in kept], [x[2] for x in kept]).cpu() * 100
     for i, (name, src, rec) in enumerate(kept):
         src_file, rec_file = f"images/{name}_source.png", f"images/{name}_recon.png"
         save_image(_thumbnail(src), out_dir / src_file)

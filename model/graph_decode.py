@@ -1,11 +1,11 @@
 """Qwen2.5-VL decode steps replayed as CUDA graphs over the static KV cache (`generate(..., cuda_graph=True)`).
 
-`Qwen25VL.decode_step` has static shapes: one token per row, keys written at a `cache_position` tensor, attention over
-the whole preallocated cache under a mask. A `GraphDecoder` owns such a cache for one (batch, max_len) plus static
-input buffers (token [B], position [1]) and output buffers (fp32 logits [B, V], hidden [B, d]). Its first call
-records one decode step on those buffers; every call copies the inputs in, replays, and returns copies of the outputs.
-Eagerly a 3B decode step is ~700 small kernel launches, so at batch 1 the GPU waits on Python; replayed it is one
-launch and the step runs at the speed of reading the weights.
+`decode_step` (model/qwen2_5_vl_generation.py) has static shapes: one token per row, keys written at a
+`cache_position` tensor, attention over the whole preallocated cache under a mask. A `GraphDecoder` owns such a cache
+for one (batch, max_len) plus static input buffers (token [B], position [1]) and output buffers (fp32 logits [B, V],
+hidden [B, d]). Its first call records one decode step on those buffers; every call copies the inputs in, replays,
+and returns copies of the outputs. Eagerly a 3B decode step is ~700 small kernel launches, so at batch 1 the GPU
+waits on Python; replayed it is one launch and the step runs at the speed of reading the weights.
 
 Capturing: `capture_cuda_graph(fn)` runs `fn` twice on a side stream (warm-up, as torch.cuda.graphs asks), records it
 and returns the replay (it raises ValueError for a model that is not on CUDA: there `cuda_graph=True` is an error,
@@ -29,6 +29,7 @@ from collections.abc import Callable
 import torch
 
 from model.layers import get_attention_backend
+from model.qwen2_5_vl_generation import decode_step, new_cache
 
 __all__ = ["GraphDecoder", "capture_cuda_graph", "eager_capture", "decoder_for", "clear", "MAX_GRAPHS"]
 
@@ -62,11 +63,11 @@ def eager_capture(fn: Callable[[], None], device: torch.device) -> Callable[[], 
 
 
 class GraphDecoder:
-    """Callable with `Qwen25VL.decode_step`'s signature, bound to its own cache and static buffers."""
+    """Callable as `decode_step` without its model argument, bound to its own cache and static buffers."""
 
     def __init__(self, model, batch: int, max_len: int, capture: Capture | None = None):
         self.model = weakref.ref(model)  # the per-model registry must not keep its model alive
-        self.cache = model.new_cache(batch, max_len)
+        self.cache = new_cache(model, batch, max_len)
         weight = model.language_model.embed_tokens.weight
         self.token = torch.zeros(batch, dtype=torch.long, device=weight.device)
         self.position = torch.zeros(1, dtype=torch.long, device=weight.device)
@@ -81,7 +82,7 @@ class GraphDecoder:
             t.zero_()
 
     def step(self) -> None:
-        logits, hidden = self.model().decode_step(self.token, self.cache, self.position)
+        logits, hidden = decode_step(self.model(), self.token, self.cache, self.position)
         self.logits.copy_(logits)
         self.hidden.copy_(hidden)
 

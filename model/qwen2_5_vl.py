@@ -1,14 +1,10 @@
-"""Qwen2.5-VL: windowed ViT with 2-D RoPE -> patch merger -> Qwen2 decoder with 3-D M-RoPE, and batched generation.
+"""Qwen2.5-VL: windowed ViT with 2-D RoPE -> patch merger -> Qwen2 decoder with 3-D M-RoPE.
 
 UAE's captioner (Qwen2.5-VL-3B-Instruct) and the LVLM whose last-layer hidden states condition the DiT. Behaviour
 follows transformers 5.24 `Qwen2_5_VLForConditionalGeneration` (fp32 parity is tested): vision tower
-(`Qwen2_5_VisionTransformerPretrainedModel`), M-RoPE positions (`Qwen2_5_VLModel.get_rope_index`), decoder
-(`Qwen2_5_VLTextModel`) and `generate` (greedy / multinomial sampling with transformers' logits-processor order).
-
-Generation prefills a left-padded batch into a preallocated static KV cache ([B, Hkv, max_len, D] per layer) and
-then runs `decode_step`, whose shapes do not change from step to step (new keys are written with `index_copy_` at a
-`cache_position` tensor and attention always spans the whole cache under a mask), so it can be captured in a CUDA
-graph: `generate(..., cuda_graph=True)` replays it as one (model/graph_decode.py). Every attention goes through
+(`Qwen2_5_VisionTransformerPretrainedModel`), M-RoPE positions (`Qwen2_5_VLModel.get_rope_index`) and decoder
+(`Qwen2_5_VLTextModel`). Generation (KV cache, prefill / decode step, sampling) lives in
+model/qwen2_5_vl_generation.py; `TextModel.forward` writes into its cache when given one. Every attention goes through
 `model.layers.attention`.
 
 Weights: `Qwen25VL.from_pretrained(folder)` reads config.json (the official flat layout or the nested one
@@ -23,6 +19,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -34,9 +31,12 @@ from kernels.logprob import token_logprobs_reference
 from model.layers import RMSNorm, attention
 from weights import Checkpoint, load_module, read_json
 
+if TYPE_CHECKING:
+    from model.qwen2_5_vl_generation import KVCache
+
 __all__ = [
-    "VisionConfig", "TextConfig", "Qwen25VLConfig", "Qwen25VL", "KVCache", "GenerationOutput", "KEY_TABLE",
-    "vision_attention_layout", "mrope_positions", "process_logits",
+    "VisionConfig", "TextConfig", "Qwen25VLConfig", "Qwen25VL", "KEY_TABLE", "vision_attention_layout",
+    "mrope_positions", "causal_mask",
 ]
 
 # Vision RMSNorms have a fixed eps in transformers (Qwen2_5_VLVisionBlock / Qwen2_5_VLPatchMerger), not a config field.
@@ -169,75 +169,86 @@ class Qwen25VLConfig:
             d, where = read_json(path), str(path)
         if d.get("model_type", "qwen2_5_vl") != "qwen2_5_vl":
             raise ValueError(f"{where}: model_type {d.get('model_type')!r}, expected 'qwen2_5_vl'")
-
-        nested = d.get("text_config") or {}
-        text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-                     "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act",
-                     "use_sliding_window")
-        t = {}
-        for key in text_keys:
-            if key in d and key in nested and d[key] != nested[key]:
-                raise ValueError(f"{where}: {key} is {d[key]!r} at top level but {nested[key]!r} in text_config")
-            if key in nested or key in d:
-                t[key] = nested.get(key, d.get(key))
-        missing = [k for k in text_keys[:5] if k not in t]
-        if missing:
-            raise ValueError(f"{where}: text fields {missing} are missing")
-        if t.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: text hidden_act {t['hidden_act']!r} is not supported (only 'silu')")
-        if t.get("use_sliding_window"):
-            raise ValueError(f"{where}: use_sliding_window=true is not supported (Qwen2.5-VL checkpoints use full "
-                             "attention in every layer)")
-        # RoPE settings may sit in rope_scaling (flat, pre-v5) and/or rope_parameters (v5), at either level; every
-        # copy must describe unscaled M-RoPE (v5 rewrites type "mrope" as rope_type "default") and agree.
-        ropes = [r for src in (nested, d) for r in (src.get("rope_parameters"), src.get("rope_scaling")) if r]
-        for rope in ropes:
-            if rope.get("type", "mrope") != "mrope" or rope.get("rope_type", "default") not in ("mrope", "default"):
-                raise ValueError(f"{where}: rope {rope!r} is not supported (only M-RoPE without scaling)")
-        sections = {tuple(r["mrope_section"]) for r in ropes if "mrope_section" in r}
-        thetas = {float(r["rope_theta"]) for r in ropes if "rope_theta" in r} | (
-            {float(t["rope_theta"])} if "rope_theta" in t else set())
-        if len(sections) > 1 or len(thetas) > 1:
-            raise ValueError(f"{where}: contradictory RoPE settings: mrope_section {sorted(sections)}, rope_theta "
-                             f"{sorted(thetas)}")
-        text = TextConfig(
-            vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
-            num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
-            num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
-            rms_norm_eps=t.get("rms_norm_eps", 1e-5), rope_theta=thetas.pop() if thetas else 1e6,
-            mrope_section=sections.pop() if sections else (16, 24, 24),
-            max_position_embeddings=t.get("max_position_embeddings", 32768),
-            # transformers 5 ties when the root flag or (pre-v5 saves) text_config's flag is set.
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False) or nested.get("tie_word_embeddings", False)))
-
-        v = d.get("vision_config")
-        if not isinstance(v, Mapping):
-            raise ValueError(f"{where}: vision_config is missing")
-        for key in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size"):
-            if key not in v:
-                raise ValueError(f"{where}: vision_config.{key} is missing")
-        if v.get("hidden_act", "silu") != "silu":
-            raise ValueError(f"{where}: vision hidden_act {v['hidden_act']!r} is not supported (only 'silu')")
-        in_channels = v.get("in_channels", v.get("in_chans", 3))
-        if v.get("in_chans", in_channels) != in_channels:
-            raise ValueError(f"{where}: vision in_chans {v['in_chans']} disagrees with in_channels {in_channels}")
-        patch = v.get("patch_size", 14)
-        if v.get("spatial_patch_size", patch) != patch:
-            raise ValueError(f"{where}: vision spatial_patch_size {v['spatial_patch_size']} disagrees with "
-                             f"patch_size {patch}")
-        vrope = v.get("rope_parameters") or {}
-        if vrope.get("rope_type", "axial") != "axial":
-            raise ValueError(f"{where}: vision rope {vrope!r} is not supported (only axial 2-D RoPE)")
-        vision = VisionConfig(
-            depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
-            intermediate_size=v["intermediate_size"], out_hidden_size=v["out_hidden_size"], in_channels=in_channels,
-            patch_size=patch, temporal_patch_size=v.get("temporal_patch_size", 2),
-            spatial_merge_size=v.get("spatial_merge_size", 2), window_size=v.get("window_size", 112),
-            fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
-            rope_theta=float(vrope.get("rope_theta", 10000.0)))
         ids = {k: d[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")
                if k in d}
-        return cls(text=text, vision=vision, **ids)
+        return cls(text=_text_config_from_json(d, where), vision=_vision_config_from_json(d, where), **ids)
+
+
+def _text_config_from_json(d: Mapping, where: str) -> TextConfig:
+    """The text fields of a config.json dict `d`, flat or under `text_config` (both copies must agree)."""
+    nested = d.get("text_config") or {}
+    text_keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                 "num_key_value_heads", "rms_norm_eps", "rope_theta", "max_position_embeddings", "hidden_act",
+                 "use_sliding_window")
+    t = {}
+    for key in text_keys:
+        if key in d and key in nested and d[key] != nested[key]:
+            raise ValueError(f"{where}: {key} is {d[key]!r} at top level but {nested[key]!r} in text_config")
+        if key in nested or key in d:
+            t[key] = nested.get(key, d.get(key))
+    missing = [k for k in text_keys[:5] if k not in t]
+    if missing:
+        raise ValueError(f"{where}: text fields {missing} are missing")
+    if t.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: text hidden_act {t['hidden_act']!r} is not supported (only 'silu')")
+    if t.get("use_sliding_window"):
+        raise ValueError(f"{where}: use_sliding_window=true is not supported (Qwen2.5-VL checkpoints use full "
+                         "attention in every layer)")
+    section, theta = _mrope_from_json(d, nested, t, where)
+    return TextConfig(
+        vocab_size=t["vocab_size"], hidden_size=t["hidden_size"], intermediate_size=t["intermediate_size"],
+        num_hidden_layers=t["num_hidden_layers"], num_attention_heads=t["num_attention_heads"],
+        num_key_value_heads=t.get("num_key_value_heads") or t["num_attention_heads"],
+        rms_norm_eps=t.get("rms_norm_eps", 1e-5), rope_theta=theta, mrope_section=section,
+        max_position_embeddings=t.get("max_position_embeddings", 32768),
+        # transformers 5 ties when the root flag or (pre-v5 saves) text_config's flag is set.
+        tie_word_embeddings=bool(d.get("tie_word_embeddings", False) or nested.get("tie_word_embeddings", False)))
+
+
+def _mrope_from_json(d: Mapping, nested: Mapping, text: Mapping, where: str) -> tuple[tuple[int, ...], float]:
+    """(mrope_section, rope_theta). RoPE settings may sit in rope_scaling (flat, pre-v5) and/or rope_parameters (v5),
+    at either level; every copy must describe unscaled M-RoPE (v5 rewrites type "mrope" as rope_type "default") and
+    agree."""
+    ropes = [r for src in (nested, d) for r in (src.get("rope_parameters"), src.get("rope_scaling")) if r]
+    for rope in ropes:
+        if rope.get("type", "mrope") != "mrope" or rope.get("rope_type", "default") not in ("mrope", "default"):
+            raise ValueError(f"{where}: rope {rope!r} is not supported (only M-RoPE without scaling)")
+    sections = {tuple(r["mrope_section"]) for r in ropes if "mrope_section" in r}
+    thetas = {float(r["rope_theta"]) for r in ropes if "rope_theta" in r} | (
+        {float(text["rope_theta"])} if "rope_theta" in text else set())
+    if len(sections) > 1 or len(thetas) > 1:
+        raise ValueError(f"{where}: contradictory RoPE settings: mrope_section {sorted(sections)}, rope_theta "
+                         f"{sorted(thetas)}")
+    return sections.pop() if sections else (16, 24, 24), thetas.pop() if thetas else 1e6
+
+
+def _vision_config_from_json(d: Mapping, where: str) -> VisionConfig:
+    """`vision_config` of a config.json dict `d`, with the old spellings (in_chans, spatial_patch_size) checked."""
+    v = d.get("vision_config")
+    if not isinstance(v, Mapping):
+        raise ValueError(f"{where}: vision_config is missing")
+    for key in ("depth", "hidden_size", "num_heads", "intermediate_size", "out_hidden_size"):
+        if key not in v:
+            raise ValueError(f"{where}: vision_config.{key} is missing")
+    if v.get("hidden_act", "silu") != "silu":
+        raise ValueError(f"{where}: vision hidden_act {v['hidden_act']!r} is not supported (only 'silu')")
+    in_channels = v.get("in_channels", v.get("in_chans", 3))
+    if v.get("in_chans", in_channels) != in_channels:
+        raise ValueError(f"{where}: vision in_chans {v['in_chans']} disagrees with in_channels {in_channels}")
+    patch = v.get("patch_size", 14)
+    if v.get("spatial_patch_size", patch) != patch:
+        raise ValueError(f"{where}: vision spatial_patch_size {v['spatial_patch_size']} disagrees with "
+                         f"patch_size {patch}")
+    vrope = v.get("rope_parameters") or {}
+    if vrope.get("rope_type", "axial") != "axial":
+        raise ValueError(f"{where}: vision rope {vrope!r} is not supported (only axial 2-D RoPE)")
+    return VisionConfig(
+        depth=v["depth"], hidden_size=v["hidden_size"], num_heads=v["num_heads"],
+        intermediate_size=v["intermediate_size"], out_hidden_size=v["out_hidden_size"], in_channels=in_channels,
+        patch_size=patch, temporal_patch_size=v.get("temporal_patch_size", 2),
+        spatial_merge_size=v.get("spatial_merge_size", 2), window_size=v.get("window_size", 112),
+        fullatt_block_indexes=tuple(v.get("fullatt_block_indexes", (7, 15, 23, 31))),
+        rope_theta=float(vrope.get("rope_theta", 10000.0)))
 
 
 # ----------------------------------------------------------------------------------------------------------- vision
@@ -515,20 +526,6 @@ class DecoderLayer(nn.Module):
         return (x, kv) if return_kv else x
 
 
-@dataclass
-class KVCache:
-    """Preallocated decoder cache. keys/values: per layer [B, Hkv, max_len, D]; key_valid [B, max_len] marks the
-    columns holding real tokens; rope_delta [B] turns a cache column into its M-RoPE text position."""
-    keys: list[torch.Tensor]
-    values: list[torch.Tensor]
-    key_valid: torch.Tensor
-    rope_delta: torch.Tensor
-
-    @property
-    def max_len(self) -> int:
-        return self.key_valid.shape[1]
-
-
 class TextModel(nn.Module):
     def __init__(self, cfg: TextConfig):
         super().__init__()
@@ -587,58 +584,6 @@ KEY_TABLE = [
     (r"model\.language_model\.(.+)", r"language_model.\1"),
     (r"model\.((?:embed_tokens|layers|norm)\..+)", r"language_model.\1"),
 ]
-
-
-@dataclass
-class GenerationOutput:
-    """sequences [B, T+N]: prompt + new tokens (pad after a row's eos); new_tokens [B, N]; logprobs [B, N] fp32
-    log-probability of each chosen token under the processed distribution it was drawn from (0 after eos); mask
-    [B, N] True for generated tokens up to and including eos; hidden [B, T+N, d] final-norm hidden states of the
-    whole sequence (with return_hidden; after a row's eos they are those of its pad tokens run as ordinary tokens,
-    so use `mask`)."""
-    sequences: torch.Tensor
-    new_tokens: torch.Tensor
-    logprobs: torch.Tensor
-    mask: torch.Tensor
-    hidden: torch.Tensor | None = None
-
-
-def process_logits(logits: torch.Tensor, seen: torch.Tensor | None, do_sample: bool, temperature: float, top_k: int,
-                   top_p: float, repetition_penalty: float) -> torch.Tensor:
-    """fp32 next-token scores [B, V] after transformers' processors, in its order: repetition penalty over the
-    tokens `seen` [B, V] (prompt without left padding + generated), then only when sampling temperature, top-k,
-    top-p (TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper with min_tokens_to_keep=1)."""
-    scores = logits
-    if repetition_penalty != 1.0:
-        penalized = torch.where(scores < 0, scores * repetition_penalty, scores / repetition_penalty)
-        scores = torch.where(seen, penalized, scores)
-    if not do_sample:
-        return scores
-    if temperature != 1.0:
-        scores = scores / temperature
-    if top_k > 0:
-        kth = scores.topk(min(top_k, scores.shape[-1])).values[..., -1:]
-        scores = scores.masked_fill(scores < kth, -float("inf"))
-    if top_p < 1.0:
-        sorted_scores, order = scores.sort(dim=-1)
-        remove = sorted_scores.softmax(-1).cumsum(-1) <= 1 - top_p
-        remove[..., -1] = False
-        scores = scores.masked_fill(remove.scatter(1, order, remove), -float("inf"))
-    return scores
-
-
-def draw_tokens(probs: torch.Tensor, generator: torch.Generator | Sequence[torch.Generator] | None) -> torch.Tensor:
-    """One token per row of `probs` [B, V]. One generator (or None: the global RNG): torch.multinomial, as
-    transformers samples. A sequence of B generators: inverse-CDF sampling, row b from one uniform drawn from
-    generator b (on that generator's device), so row b's tokens depend only on its generator and its own
-    distribution, whatever rows share the batch; the same seeds give the same tokens on CPU and GPU up to the
-    rounding of the probabilities. Zero-probability tokens (top-k / top-p) have zero width and are never drawn."""
-    if generator is None or isinstance(generator, torch.Generator):
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
-    u = torch.stack([torch.rand((), generator=g, device=g.device, dtype=torch.float64).cpu() for g in generator])
-    cdf = probs.double().cumsum(-1)
-    x = u.to(probs.device)[:, None] * cdf[:, -1:]
-    return torch.searchsorted(cdf, x, right=True)[:, 0].clamp_(max=probs.shape[-1] - 1)
 
 
 class Qwen25VL(nn.Module):
@@ -809,145 +754,3 @@ class Qwen25VL(nn.Module):
         impl = fused_token_logprobs if self.fused_logprobs else token_logprobs_reference
         flat = impl(hidden.reshape(-1, hidden.shape[-1]), self.lm_head.weight, targets.reshape(-1), temperature)
         return flat.view(targets.shape)
-
-    # ------------------------------------------------------------------------------------------- generation
-    def new_cache(self, batch: int, max_len: int) -> KVCache:
-        cfg, weight = self.config.text, self.language_model.embed_tokens.weight
-        shape = (batch, cfg.num_key_value_heads, max_len, cfg.head_dim)
-        return KVCache(
-            keys=[torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.num_hidden_layers)],
-            values=[torch.zeros(shape, dtype=weight.dtype, device=weight.device) for _ in range(cfg.num_hidden_layers)],
-            key_valid=torch.zeros(batch, max_len, dtype=torch.bool, device=weight.device),
-            rope_delta=torch.zeros(batch, dtype=torch.long, device=weight.device))
-
-    def prefill(self, input_ids, attention_mask, pixel_values, image_grid_thw, cache: KVCache,
-                image_features=None) -> torch.Tensor:
-        """Run the prompt into columns [0, T) of `cache`; returns hidden states [B, T, d]."""
-        x, positions, rope_delta, attention_mask = self.embed(input_ids, attention_mask, pixel_values, image_grid_thw,
-                                                              image_features)
-        columns = torch.arange(x.shape[1], device=x.device)
-        cache.key_valid[:, :x.shape[1]] = attention_mask.bool()
-        cache.rope_delta.copy_(rope_delta)
-        return self.language_model(x, positions, causal_mask(cache.key_valid, columns), cache, columns)
-
-    def decode_step(self, token: torch.Tensor, cache: KVCache,
-                    cache_position: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """One token per row at cache column `cache_position` ([1] long tensor): (fp32 logits [B, V], hidden
-        [B, d]). Shapes depend only on the batch and the cache size, so the step can be captured in a CUDA graph."""
-        cache.key_valid.index_fill_(1, cache_position, True)
-        positions = (cache_position + cache.rope_delta)[None, :, None].expand(3, -1, 1)
-        mask = cache.key_valid[:, None, None, :]
-        x = self.language_model.embed_tokens(token[:, None])
-        hidden = self.language_model(x, positions, mask, cache, cache_position)[:, 0]
-        return self.lm_head(hidden).float(), hidden
-
-    @torch.no_grad()
-    def generate(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                 pixel_values: torch.Tensor | None = None, image_grid_thw: torch.Tensor | None = None,
-                 max_new_tokens: int = 512, do_sample: bool = False, temperature: float = 1.0, top_k: int = 0,
-                 top_p: float = 1.0, repetition_penalty: float = 1.0,
-                 eos_token_id: int | Sequence[int] = (151645, 151643), pad_token_id: int = 151643,
-                 generator: torch.Generator | Sequence[torch.Generator] | None = None, return_hidden: bool = False,
-                 cuda_graph: bool = False, prompt_of_row: Sequence[int] | torch.Tensor | None = None,
-                 image_features: torch.Tensor | None = None) -> GenerationOutput:
-        """Greedy or sampled continuation of a left-padded batch, row by row until eos or max_new_tokens; stops
-        when every row has finished. Sampling: `draw_tokens` (one generator: torch.multinomial as transformers, the
-        global RNG when None; a list: one generator per row, so a row's tokens do not depend on its batch).
-
-        prompt_of_row: output row r continues prompt prompt_of_row[r] (e.g. [0]*G + [1]*G for G samples of each of
-        two images): the prompts, their images included, are prefilled once and their KV cache rows copied to the
-        output rows, which then decode as one batch. None: one row per prompt. `image_features`: see `embed`.
-
-        cuda_graph: replay each decode step as a CUDA graph recorded once per (batch, prompt + max_new_tokens) and
-        kept for the model (model/graph_decode.py); same tokens as without. CUDA only: on another device the first
-        decode step raises ValueError. Sampling and the stopping test stay outside the graph."""
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        vocab = self.config.text.vocab_size
-        eos = torch.tensor([eos_token_id] if isinstance(eos_token_id, int) else list(eos_token_id),
-                           device=input_ids.device)
-        if max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
-        if do_sample and not temperature > 0:
-            raise ValueError(f"temperature must be > 0 when sampling, got {temperature}")
-        if not isinstance(top_k, int) or top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0 (0 disables it), got {top_k!r}")
-        if not 0 < top_p <= 1:
-            raise ValueError(f"top_p must lie in (0, 1], got {top_p}")
-        if not repetition_penalty > 0:
-            raise ValueError(f"repetition_penalty must be > 0, got {repetition_penalty}")
-        if not 0 <= pad_token_id < vocab or eos.numel() == 0 or not ((0 <= eos) & (eos < vocab)).all():
-            raise ValueError(f"pad_token_id {pad_token_id} and eos_token_id {eos.tolist()} must be ids in "
-                             f"[0, {vocab})")
-        if input_ids.ndim == 2 and attention_mask.shape == input_ids.shape and \
-                (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
-            raise ValueError("generate needs left-padded prompts: attention_mask has a 0 after a 1")
-        n_prompts, prompt_len = input_ids.shape
-        rows = None
-        if prompt_of_row is not None:
-            rows = torch.as_tensor(prompt_of_row, dtype=torch.long, device=input_ids.device)
-            if rows.ndim != 1 or rows.numel() == 0 or int(rows.min()) < 0 or int(rows.max()) >= n_prompts:
-                raise ValueError(f"prompt_of_row must list, for each output row, a prompt index in [0, {n_prompts}),"
-                                 f" got {rows.tolist()}")
-        batch = n_prompts if rows is None else rows.numel()
-        if generator is not None and not isinstance(generator, torch.Generator) and len(generator) != batch:
-            raise ValueError(f"one generator per output row: got {len(generator)} for {batch} rows")
-        max_len = prompt_len + max_new_tokens
-        if max_len > self.config.text.max_position_embeddings:
-            raise ValueError(f"prompt length {prompt_len} + max_new_tokens {max_new_tokens} = {max_len} exceeds "
-                             f"max_position_embeddings {self.config.text.max_position_embeddings}")
-
-        if cuda_graph:
-            from model import graph_decode
-
-            decode = graph_decode.decoder_for(self, batch, max_len)
-            cache = decode.cache
-        else:
-            decode, cache = self.decode_step, self.new_cache(batch, max_len)
-        if rows is None:
-            prompt_hidden = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, cache,
-                                         image_features)
-        else:  # prefill each prompt once, then copy its cache rows to the rows that continue it
-            prompt_cache = self.new_cache(n_prompts, prompt_len)
-            prompt_hidden = self.prefill(input_ids, attention_mask, pixel_values, image_grid_thw, prompt_cache,
-                                         image_features)[rows]
-            for full, part in zip((*cache.keys, *cache.values), (*prompt_cache.keys, *prompt_cache.values)):
-                full[:, :, :prompt_len] = part[rows]
-            cache.key_valid[:, :prompt_len] = prompt_cache.key_valid[rows]
-            cache.rope_delta.copy_(prompt_cache.rope_delta[rows])
-            input_ids, attention_mask = input_ids[rows], attention_mask[rows]
-        logits = self.lm_head(prompt_hidden[:, -1]).float()
-        seen = None
-        if repetition_penalty != 1.0:  # transformers ignores the left padding (prompt_ignore_length)
-            seen = torch.zeros(batch, vocab + 1, dtype=torch.bool, device=input_ids.device)
-            seen.scatter_(1, input_ids.masked_fill(attention_mask == 0, vocab), True)
-            seen = seen[:, :vocab].contiguous()
-        unfinished = torch.ones(batch, dtype=torch.bool, device=input_ids.device)
-        cache_position = torch.tensor([prompt_len], device=input_ids.device)
-        tokens, logprobs, masks, hiddens = [], [], [], [prompt_hidden]
-        for step in range(max_new_tokens):
-            scores = process_logits(logits, seen, do_sample, temperature, top_k, top_p, repetition_penalty)
-            if do_sample:
-                token = draw_tokens(scores.softmax(-1), generator)
-            else:
-                token = scores.argmax(-1)
-            logprob = scores.log_softmax(-1).gather(1, token[:, None])[:, 0]
-            token = torch.where(unfinished, token, pad_token_id)
-            tokens.append(token)
-            logprobs.append(torch.where(unfinished, logprob, 0.0))
-            masks.append(unfinished)
-            unfinished = unfinished & ~torch.isin(token, eos)
-            if seen is not None:
-                seen[torch.arange(batch, device=token.device), token] = True
-            last = step == max_new_tokens - 1 or not bool(unfinished.any())
-            if not last or return_hidden:  # the last token is run only for its hidden state
-                logits, hidden = decode(token, cache, cache_position)
-                cache_position += 1
-                hiddens.append(hidden[:, None])
-            if last:
-                break
-        new_tokens = torch.stack(tokens, dim=1)
-        return GenerationOutput(
-            sequences=torch.cat([input_ids, new_tokens.to(input_ids.dtype)], dim=1), new_tokens=new_tokens,
-            logprobs=torch.stack(logprobs, dim=1), mask=torch.stack(masks, dim=1),
-            hidden=torch.cat(hiddens, dim=1) if return_hidden else None)

@@ -25,10 +25,12 @@ import torch
 from PIL import Image
 from torch import nn
 
+from model import qwen2_5_vl_generation
 from model.connector import Connector, ConnectorConfig
 from model.flow import flow_sigmas, sample_ode
 from model.mmdit import MMDiT, MMDiTConfig
 from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from model.qwen2_5_vl_generation import GenerationConfig
 from model.qwen2_5_vl_processor import Qwen25VLProcessor
 from model.vae import VAE, VAEConfig
 
@@ -53,6 +55,10 @@ NEGATIVE_PROMPT = "Generate a random, low quality, ugly, blur, bad and anime, ca
 # peft's 'all-linear' on it) and the 8 attention projections of every MMDiT block (Flow-GRPO's SD3 targets).
 LLM_LORA_TARGETS = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
 DIT_LORA_TARGETS = "to_q,to_k,to_v,to_out.0,add_q_proj,add_k_proj,add_v_proj,to_add_out"
+# LoRA size of the release's LLM adapter (its inference code applies LoraConfig(r=32, lora_alpha=64); the adapter
+# files do not store alpha), and the training stages' default.
+LORA_RANK = 32
+LORA_ALPHA = 64.0
 
 
 @dataclass
@@ -136,22 +142,23 @@ class UAE(nn.Module):
         """Caption each image, or with `image_of` each row r an image images[image_of[r]] (e.g. G captions per image
         for GRPO): every image's vision features and prompt are computed once and the rows decode as one batch.
         Sampling follows the released defaults (temperature 0.7, 512 new tokens); `generator`: one for the batch,
-        or one per row, so a row's caption does not depend on the rows beside it (`Qwen25VL.draw_tokens`). With
-        return_output, also the rows' inputs (`caption_rows`: image features in place of pixel values) and the
+        or one per row, so a row's caption does not depend on the rows beside it (`qwen2_5_vl_generation.draw_tokens`).
+        With return_output, also the rows' inputs (`caption_rows`: image features in place of pixel values) and the
         GenerationOutput, whose `mask` marks the caption's tokens (ended before any sampled image/video
-        placeholder, as the texts are). cuda_graph: decode steps replayed as CUDA graphs (`Qwen25VL.generate`)."""
+        placeholder, as the texts are). cuda_graph: decode steps replayed as CUDA graphs (model/graph_decode.py)."""
         if not images:
             raise ValueError("caption() needs at least one image")
         inputs = self.caption_inputs(images, prompt)
         features = self.lvlm.visual(inputs["pixel_values"], inputs["image_grid_thw"])
-        out = self.lvlm.generate(
-            inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
-            image_features=features, prompt_of_row=image_of,
+        config = GenerationConfig(
             max_new_tokens=max_new_tokens or self.settings.caption_max_new_tokens, do_sample=do_sample,
             temperature=temperature if temperature is not None else self.settings.caption_temperature,
-            top_k=top_k, top_p=top_p, generator=generator,
-            eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id),
-            pad_token_id=self.processor.pad_token_id, cuda_graph=cuda_graph)
+            top_k=top_k, top_p=top_p, eos_token_id=(self.processor.im_end_id, self.processor.pad_token_id),
+            pad_token_id=self.processor.pad_token_id)
+        out = qwen2_5_vl_generation.generate(
+            self.lvlm, inputs["input_ids"], inputs["attention_mask"], image_grid_thw=inputs["image_grid_thw"],
+            config=config, generator=generator, prompt_of_row=image_of, image_features=features,
+            cuda_graph=cuda_graph)
         # A sampled image/video placeholder cannot be re-encoded (the LVLM counts placeholders against the image's
         # patches, and a text-only caption has none): the caption ends before the first one. They are rare below
         # temperature 1, but long captions from a release or an early RL policy do sample them.
@@ -192,7 +199,7 @@ class UAE(nn.Module):
         return self.lvlm.token_logprobs(self.caption_hidden(inputs, tokens, mask), tokens, temperature=temperature)
 
     # ------------------------------------------------------------------------------------------- conditioning
-    def generate_ids(self, texts: list[str], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def generate_turn_ids(self, texts: list[str], pad_to: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Token ids of each text in the `generate` chat turn, right-padded with the pad id (released convention) to
         the longest text, or to `pad_to` tokens when given (the DiT has no text mask, so the pad tokens a text gets
         change its image: distributed training pads every rank to the global batch's longest text)."""
@@ -212,7 +219,7 @@ class UAE(nn.Module):
 
     def encode_text(self, texts: list[str], pad_to: int | None = None) -> torch.Tensor:
         """DiT context [B, L, joint_attention_dim]: connector(last hidden states) of the `generate` turn."""
-        ids, mask = self.generate_ids(texts, pad_to)
+        ids, mask = self.generate_turn_ids(texts, pad_to)
         hidden = self.lvlm.forward_hidden(ids, attention_mask=mask)
         return self.connector(hidden.to(self.connector.fc1.weight.dtype))
 
@@ -371,4 +378,4 @@ def _to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 __all__ = ["UAE", "UAESettings", "CAPTION_PROMPT", "UNIFIED_BENCH_PROMPT", "NEGATIVE_PROMPT", "LLM_LORA_TARGETS",
-           "DIT_LORA_TARGETS", "dit_velocity"]
+           "DIT_LORA_TARGETS", "LORA_RANK", "LORA_ALPHA", "dit_velocity"]

@@ -4,7 +4,8 @@ Release layout (HF `zhiyuanyan1/UAE`, as its public inference code reads it):
     llm_model/     Qwen2.5-VL-3B weights + config + the projector (`projector.0/2.*`, our connector)
     llm_model_preprocessor/ (optional) tokenizer.json, preprocessor_config.json; else they sit in llm_model/
     llm_lora/      sharded state dict (`model-0000{i}-of-00003.safetensors`) of the peft-wrapped LVLM; only its
-                   `lora_A` / `lora_B` tensors are read (the release applies r 32, alpha 64, gaussian init)
+                   `lora_A` / `lora_B` tensors are read (the release applies r 32, alpha 64
+                   [model.uae.LORA_RANK, LORA_ALPHA], gaussian init)
     dit/           the SD3.5-large transformer (diffusers folder)
     dit_lora/      a PEFT adapter of the transformer
     SD3/           the SD3.5-large diffusers folder: vae/, scheduler/, text_encoder/, text_encoder_2/
@@ -24,10 +25,10 @@ from pathlib import Path
 
 import torch
 
+from model.uae import LORA_ALPHA
 from weights import CheckpointError, open_checkpoint, read_json
 
 RELEASE_PARTS = ("llm_model", "llm_lora", "dit", "dit_lora", "SD3")
-RELEASE_LLM_LORA_ALPHA = 64.0  # not stored by the release; its inference code applies LoraConfig(r=32, lora_alpha=64)
 POOLED_FILE = "pooled.safetensors"
 
 
@@ -123,7 +124,7 @@ def load(cls, parts: UAEParts, dtype: torch.dtype, device, settings=None):
     return model.eval()
 
 
-def load_release_llm_lora(lvlm, folder: str | os.PathLike, alpha: float = RELEASE_LLM_LORA_ALPHA) -> list[str]:
+def load_release_llm_lora(lvlm, folder: str | os.PathLike, alpha: float = LORA_ALPHA) -> list[str]:
     """Apply and load the release's LVLM LoRA: keys `...<module path>.lora_{A,B}[.default].weight` of the peft-wrapped
     transformers model, in either transformers 4 or 5 spelling, mapped onto our module names with the Qwen key
     table. Base weights that the shards may also hold are ignored; every LoRA tensor must land on a Linear."""

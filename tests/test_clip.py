@@ -11,13 +11,10 @@ from safetensors.torch import load_file, save_file
 from model.clip import (CLIP, CLIPConfig, CLIPTokenizer, clip_preprocess, clip_preprocess_tensor,
                         openai_to_clip_state_dict)
 from model.image_io import load_rgb
+from tests.numerics import rel_err
 from weights import CheckpointError
 
 transformers = pytest.importorskip("transformers")
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def hf_clip(tmp_path, eos_token_id=98, act="quick_gelu", width=32, heads=4, positions=20, image_size=30, patch=6,

@@ -6,13 +6,10 @@ import torch
 from safetensors.torch import save_file
 
 from model.connector import Connector, ConnectorConfig, load_pooled
+from tests.numerics import rel_err
 from weights import CheckpointError
 
 TINY = ConnectorConfig.preset("tiny")
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def make(seed=0):

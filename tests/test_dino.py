@@ -11,14 +11,11 @@ from safetensors.torch import load_file, save_file
 from model.dino import (IMAGENET_MEAN, IMAGENET_STD, DINOv2, DINOv2Config, DINOv3, DINOv3Config, dinov2_preprocess,
                         dinov3_preprocess)
 from model.image_io import load_rgb
+from tests.numerics import rel_err
 from tests.test_clip import sample_images
 from weights import CheckpointError
 
 transformers = pytest.importorskip("transformers")
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def randomize(model):

@@ -10,10 +10,7 @@ from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
 from model.flow import (cfg_combine, cps_step_with_logprob, euler_step, flow_sigmas, guided_velocity, sample_ode,
                         sample_sde_trajectory, sde_step_with_logprob, transition_log_prob)
 from model.mmdit import MMDiT
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
+from tests.numerics import rel_err
 
 
 def sd3_scheduler(n: int, shift: float = 3.0) -> FlowMatchEulerDiscreteScheduler:

@@ -1,4 +1,5 @@
-"""CUDA-graph decoding (model/graph_decode.py) through `Qwen25VL.generate(cuda_graph=True)`.
+"""CUDA-graph decoding (model/graph_decode.py) through `generate(..., cuda_graph=True)`
+(model/qwen2_5_vl_generation.py).
 
 On CPU the graph is replaced by `eager_capture`, which drives the same static buffers, cache reuse and warm-up runs
 (the decode step must be idempotent for those) without CUDA: tokens, log-probs, masks and hidden states must equal
@@ -10,6 +11,7 @@ from torch import nn
 from model import graph_decode
 from model.lora import apply_lora, lora_disabled
 from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
+from model.qwen2_5_vl_generation import GenerationConfig, generate, new_cache
 
 VOCAB, PAD, EOS = 300, 290, 291
 IDS = dict(image_token_id=295, video_token_id=296, vision_start_token_id=297, vision_end_token_id=298)
@@ -42,11 +44,12 @@ def batch(seed, image=True, length=0):
     return ids, mask, extra
 
 
-def run(model, ids, mask, extra, cuda_graph, **kw):
-    kw = {**dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD, return_hidden=True), **kw}
-    if kw.get("do_sample") and "generator" not in kw:
-        kw["generator"] = torch.Generator(ids.device).manual_seed(3)
-    return model.generate(ids, mask, cuda_graph=cuda_graph, **extra, **kw)
+def run(model, ids, mask, extra, cuda_graph, return_hidden=True, generator=None, prompt_of_row=None, **settings):
+    config = GenerationConfig(**{**dict(max_new_tokens=12, eos_token_id=EOS, pad_token_id=PAD), **settings})
+    if config.do_sample and generator is None:
+        generator = torch.Generator(ids.device).manual_seed(3)
+    return generate(model, ids, mask, config=config, generator=generator, prompt_of_row=prompt_of_row,
+                    return_hidden=return_hidden, cuda_graph=cuda_graph, **extra)
 
 
 def assert_same(a, b):
@@ -155,7 +158,7 @@ def test_cuda_graph_on_cpu_is_an_error(model):
 def test_decoder_needs_its_own_cache(model):
     decoder = graph_decode.GraphDecoder(model, 3, 20, capture=graph_decode.eager_capture)
     with pytest.raises(ValueError, match="its own cache"):
-        decoder(torch.zeros(3, dtype=torch.long), model.new_cache(3, 20), torch.tensor([4]))
+        decoder(torch.zeros(3, dtype=torch.long), new_cache(model, 3, 20), torch.tensor([4]))
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

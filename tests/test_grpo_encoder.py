@@ -164,16 +164,16 @@ def test_bad_logprob_path_is_refused():
 def test_a_group_whose_captions_all_end_at_once(tmp_path, monkeypatch, capsys):
     # Every sampled caption is the end-of-turn token alone: the empty texts render, the group's rewards are equal,
     # every advantage is 0 (warned), and the update is a finite no-op on the loss.
-    import model.qwen2_5_vl as qwen
+    import model.qwen2_5_vl_generation as generation
 
     end = UAE.tiny(0).processor.im_end_id
-    real = qwen.process_logits
+    real = generation.process_logits
 
     def only_the_end(logits, *args, **kwargs):
         scores = real(logits, *args, **kwargs)
         return torch.full_like(scores, -float("inf")).index_fill_(1, torch.tensor([end]), 0.0)
 
-    monkeypatch.setattr(qwen, "process_logits", only_the_end)
+    monkeypatch.setattr(generation, "process_logits", only_the_end)
     out = tmp_path / "run"
     ge.main(FAST + ["--steps", "1", "--out", str(out)])
     (r,) = rows(out)

@@ -16,6 +16,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 import kernels.attention as attention_kernels  # noqa: E402
 from kernels.attention import flash_attention, flash_attention_varlen  # noqa: E402
 from model.layers import attention, get_attention_backend, set_attention_backend  # noqa: E402
+from tests.numerics import rel_err  # noqa: E402
 
 if not torch.cuda.is_available() and not attention_kernels._INTERPRET:
     pytest.skip("no CUDA and triton was imported without TRITON_INTERPRET=1: set it in the environment",
@@ -35,10 +36,6 @@ def reference(q, k, v, causal, scale=None):
         keep = torch.ones(q.shape[2], k.shape[2], dtype=torch.bool, device=q.device).tril()
         s = s.masked_fill(~keep, float("-inf"))
     return s.softmax(-1) @ v
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def leaves(*shapes, dtype):

@@ -14,6 +14,7 @@ if not torch.cuda.is_available() and "triton" not in sys.modules:
 
 import kernels.logprob as logprob  # noqa: E402
 from kernels.logprob import token_logprobs, token_logprobs_reference  # noqa: E402
+from tests.numerics import rel_err  # noqa: E402
 
 if not torch.cuda.is_available() and not logprob._INTERPRET:
     pytest.skip("no CUDA and triton was imported without TRITON_INTERPRET=1: set it in the environment",
@@ -26,10 +27,6 @@ N, V, D = 37, 1003, 48
 def reference64(hidden, weight, targets, temperature):
     logits = hidden.double() @ weight.double().t() / temperature
     return logits.log_softmax(-1).gather(1, targets.long()[:, None])[:, 0]
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 def inputs(dtype=torch.float32, target_dtype=torch.int64, seed=0):

@@ -6,12 +6,9 @@ from transformers.models.qwen2.modeling_qwen2 import Qwen2RMSNorm
 
 import kernels.attention
 from model.layers import RMSNorm, attention, block_diagonal_mask, get_attention_backend, set_attention_backend
+from tests.numerics import rel_err
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # CPU tensors: Triton's interpreter (conftest.py)
-
-
-def rel_err(a, b):
-    return ((a.double() - b.double()).abs().max() / b.double().abs().max()).item()
 
 
 @pytest.mark.parametrize("backend", ["sdpa", "triton"])

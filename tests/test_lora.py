@@ -12,6 +12,7 @@ from model.lora import (
     LoRALinear, apply_lora, freeze_lora, frozen_lora_layers, load_lora, lora_disabled, lora_layers, lora_parameters,
     lora_state_dict, merge_lora, save_lora, set_lora_enabled, unmerge_lora, unwrap_lora,
 )
+from tests.numerics import rel_err
 from weights import CheckpointError
 
 peft = pytest.importorskip("peft")
@@ -64,10 +65,6 @@ class Net(nn.Module):
         for b in self.blocks:
             x = b(x, mask)
         return self.head(x)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def make_base(seed=0):

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import model.mmdit as mmdit
 from model.mmdit import MMDiT, MMDiTConfig, StabilityCheckpoint
+from tests.numerics import rel_err
 from weights import CheckpointError
 
 TINY = dict(sample_size=32, patch_size=2, in_channels=16, out_channels=16, num_layers=3, attention_head_dim=16,
@@ -21,10 +22,6 @@ STYLES = {
     "sd3.5-medium": dict(qk_norm="rms_norm", dual_attention_layers=(0, 1), attention_head_dim=24,
                          caption_projection_dim=48),
 }
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 def reference(style: str = "sd3", seed: int = 0) -> SD3Transformer2DModel:

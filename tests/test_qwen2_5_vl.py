@@ -1,29 +1,27 @@
 """model/qwen2_5_vl.py against transformers 5.24 Qwen2_5_VLForConditionalGeneration (fp32, tiny random models saved
-with save_pretrained): config parsing, vision tower, M-RoPE positions, logits / hidden states, greedy and sampled
-generation, the static KV cache against uncached forwards, loading (both key spellings, shards, bf16) and errors."""
+with save_pretrained): config parsing, vision tower, M-RoPE positions, logits / hidden states, teacher forcing over
+shared prompts, loading (both key spellings, shards, bf16) and errors. Generation: test_qwen2_5_vl_generation.py."""
 import copy
 import json
-import math
 import shutil
 
 import pytest
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-from transformers.generation.logits_process import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor,
-                                                    TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper)
+from transformers import Qwen2_5_VLConfig
 from transformers.vision_utils import get_vision_window_index
 
 import kernels.attention
 from model.layers import get_attention_backend, set_attention_backend
-from model.qwen2_5_vl import (Qwen25VL, Qwen25VLConfig, VisionConfig, draw_tokens, mrope_positions,
-                              vision_attention_layout)
+from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig, VisionConfig, mrope_positions, vision_attention_layout
+from model.qwen2_5_vl_generation import GenerationConfig, generate
+from tests import qwen_reference
+from tests.numerics import rel_err
+from tests.qwen_reference import (GRIDS, IM_END, IMAGE, PAD, TEXT_IDS, VIDEO, VOCAB, hf_kwargs, make_batch,
+                                  ours_kwargs)
 from weights import CheckpointError
 
-VOCAB = 300
-PAD, IM_END, VISION_START, VISION_END, IMAGE, VIDEO = 280, 282, 283, 284, 285, 286
-TEXT_IDS = 280  # ordinary tokens are drawn from [0, 280)
-GRIDS = {"wide": (1, 6, 10), "tall": (1, 8, 4)}  # patches; merged 3x5 and 4x2 tokens, windows of 2x2 merged tokens
+untied, tied = qwen_reference.untied, qwen_reference.tied  # the module-scoped reference model fixtures
 
 # Qwen/Qwen2.5-VL-3B-Instruct and -7B-Instruct config.json (official flat layout), the fields that matter.
 OFFICIAL_3B = {
@@ -44,103 +42,6 @@ OFFICIAL_3B = {
 OFFICIAL_7B = {**OFFICIAL_3B, "hidden_size": 3584, "intermediate_size": 18944, "num_hidden_layers": 28,
                "num_attention_heads": 28, "num_key_value_heads": 4, "tie_word_embeddings": False,
                "vocab_size": 152064, "vision_config": {**OFFICIAL_3B["vision_config"], "out_hidden_size": 3584}}
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
-
-
-def hf_config(tie=False, **text):
-    return Qwen2_5_VLConfig(
-        text_config=dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                         num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-6, rope_theta=10000.0,
-                         rope_scaling={"type": "mrope", "mrope_section": [2, 3, 3]}, max_position_embeddings=256,
-                         **text),
-        vision_config=dict(depth=4, hidden_size=32, intermediate_size=48, num_heads=2, out_hidden_size=64,
-                           window_size=56, fullatt_block_indexes=[1, 3]),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=VISION_START,
-        vision_end_token_id=VISION_END, tie_word_embeddings=tie)
-
-
-def build_hf(folder, tie, seed):
-    """A random HF model with unit-gain weights: large enough that greedy decoding does not collapse onto one token
-    (transformers' 0.02 init does), small enough that fp32 rounding stays near 1e-6 (at twice this gain our fp32 and
-    transformers' fp32 both sit ~1e-5 from an fp64 forward). An untied head gives the special ids logit 0, so that
-    generation (almost) never emits image tokens, which a sequence fed back through forward may not contain."""
-    torch.manual_seed(seed)
-    hf = Qwen2_5_VLForConditionalGeneration(hf_config(tie)).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            if "norm" in name or "ln_q" in name:
-                p.uniform_(0.5, 1.5)
-            elif p.ndim == 1:
-                p.normal_(0, 0.1)
-            elif "embed_tokens" in name:
-                p.normal_(0, 1.0)
-            else:
-                p.normal_(0, 1 / math.sqrt(p[0].numel()))
-        if not tie:
-            hf.lm_head.weight[TEXT_IDS:] = 0
-    hf.save_pretrained(folder, safe_serialization=True)
-    return hf
-
-
-@pytest.fixture(scope="module")
-def untied(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen_untied")
-    hf = build_hf(folder, tie=False, seed=0)
-    return hf, Qwen25VL.from_pretrained(folder), folder
-
-
-@pytest.fixture(scope="module")
-def tied(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("qwen_tied")
-    hf = build_hf(folder, tie=True, seed=1)
-    return hf, Qwen25VL.from_pretrained(folder), folder
-
-
-def make_batch(rows, seed=0, right_pad_last=0):
-    """rows: one list of image names per row plus a text length, e.g. (["wide"], 5). Left-padded input_ids with
-    `<|vision_start|> image pads <|vision_end|>` per image, attention mask, pixel_values, image_grid_thw,
-    mm_token_type_ids. right_pad_last > 0 appends that many masked pad tokens to every row (caption-style)."""
-    g = torch.Generator().manual_seed(seed)
-    seqs, grids = [], []
-    for images, n_text in rows:
-        ids = torch.randint(0, TEXT_IDS, (3,), generator=g).tolist()
-        for name in images:
-            t, h, w = GRIDS[name]
-            grids.append([t, h, w])
-            ids += [VISION_START] + [IMAGE] * (t * h * w // 4) + [VISION_END]
-            ids += torch.randint(0, TEXT_IDS, (2,), generator=g).tolist()
-        seqs.append(ids + torch.randint(0, TEXT_IDS, (n_text,), generator=g).tolist())
-    length = max(map(len, seqs))
-    input_ids = torch.full((len(rows), length + right_pad_last), PAD)
-    mask = torch.zeros_like(input_ids)
-    for i, s in enumerate(seqs):
-        input_ids[i, length - len(s):length] = torch.tensor(s)
-        mask[i, length - len(s):length] = 1
-    batch = {"input_ids": input_ids, "attention_mask": mask}
-    if grids:
-        grid = torch.tensor(grids)
-        batch["pixel_values"] = torch.randn(int(grid.prod(-1).sum()), 1176, generator=g)
-        batch["image_grid_thw"] = grid
-    return batch
-
-
-def hf_kwargs(hf, batch):
-    """HF inputs: mm_token_type_ids so that it builds 3-D positions; text-only batches get the positions of its own
-    get_rope_index (its forward would otherwise ignore the padding), and stale rope_deltas are cleared."""
-    hf.model.rope_deltas = None
-    kw = dict(batch)
-    kw["mm_token_type_ids"] = (batch["input_ids"] == IMAGE).int()
-    if "pixel_values" not in batch:
-        kw["position_ids"], _ = hf.model.get_rope_index(batch["input_ids"], kw.pop("mm_token_type_ids"),
-                                                        attention_mask=batch["attention_mask"])
-    return kw
-
-
-def ours_kwargs(batch):
-    return {k: batch[k] for k in ("pixel_values", "image_grid_thw", "attention_mask") if k in batch}
 
 
 # ----------------------------------------------------------------------------------------------------------- config
@@ -292,119 +193,6 @@ def test_tied_model_matches_hf(tied):
     assert rel_err(got[keep], want[keep]) <= 1e-5
 
 
-# ----------------------------------------------------------------------------------------------------------- generation
-
-def hf_generate(hf, batch, **kw):
-    kw = {"do_sample": False, "top_k": None, "top_p": None, "temperature": None, **kw}
-    return hf.generate(**hf_kwargs(hf, batch), **kw)
-
-
-@pytest.mark.parametrize("case, penalty", [("text", 1.0), ("image", 1.0), ("image", 1.3)])
-def test_greedy_generation_matches_hf(untied, case, penalty):
-    hf, ours, _ = untied
-    rows = [([], 5), ([], 9), ([], 2)] if case == "text" else [(["wide"], 2), ([], 8), (["tall", "wide"], 1)]
-    batch = make_batch(rows, seed=7)
-    free = ours.generate(batch["input_ids"], max_new_tokens=40, eos_token_id=VIDEO, pad_token_id=PAD,
-                         repetition_penalty=penalty, **ours_kwargs(batch))
-    assert free.new_tokens.shape == (3, 40) and free.mask.all()
-    # Make row 0 stop early on the token it produces at step 12 (or earlier, if it produced it before).
-    eos = int(free.new_tokens[0, 12])
-    out = ours.generate(batch["input_ids"], max_new_tokens=40, eos_token_id=(eos, VIDEO), pad_token_id=PAD,
-                        repetition_penalty=penalty, **ours_kwargs(batch))
-    ref = hf_generate(hf, batch, max_new_tokens=40, eos_token_id=[eos, VIDEO], pad_token_id=PAD,
-                      repetition_penalty=penalty)
-    assert torch.equal(out.sequences, ref)
-    stop = int((free.new_tokens[0] == eos).nonzero()[0])
-    assert out.mask[0].sum() == stop + 1 and (out.new_tokens[0, stop + 1:] == PAD).all()
-    assert (out.logprobs[0, stop + 1:] == 0).all() and (out.logprobs[out.mask] <= 0).all()
-    assert out.sequences.shape[1] == batch["input_ids"].shape[1] + out.new_tokens.shape[1]
-
-
-def test_generation_stops_when_all_rows_finish(untied):
-    _, ours, _ = untied
-    batch = make_batch([([], 4), ([], 6)], seed=8)
-    free = ours.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10, eos_token_id=VIDEO,
-                         pad_token_id=PAD)
-    eos = (int(free.new_tokens[0, 2]), int(free.new_tokens[1, 3]))
-    out = ours.generate(batch["input_ids"], batch["attention_mask"], max_new_tokens=10, eos_token_id=eos,
-                        pad_token_id=PAD, return_hidden=True)
-    n = out.new_tokens.shape[1]
-    assert n <= 4 and torch.isin(out.new_tokens[:, -1], torch.tensor(eos + (PAD,))).all()
-    assert out.mask.sum(1).tolist() == [int((free.new_tokens[i, :n] == e).nonzero()[0]) + 1 for i, e in enumerate(eos)]
-    assert out.hidden.shape == (2, batch["input_ids"].shape[1] + n, 64)
-
-
-SAMPLING = dict(do_sample=True, temperature=0.7, top_k=40, top_p=0.9, repetition_penalty=1.2)
-
-
-def test_sampling_reproducible_and_logprobs_match_processed_distribution(untied):
-    hf, ours, _ = untied
-    batch = make_batch([(["wide"], 2), ([], 9)], seed=9)
-    run = lambda seed: ours.generate(batch["input_ids"], max_new_tokens=24, eos_token_id=IM_END, pad_token_id=PAD,
-                                     generator=torch.Generator().manual_seed(seed), **SAMPLING,
-                                     **ours_kwargs(batch))
-    a, b, c = run(0), run(0), run(1)
-    assert torch.equal(a.sequences, b.sequences) and torch.equal(a.logprobs, b.logprobs)
-    assert not torch.equal(a.sequences, c.sequences)
-
-    # Independent recomputation: transformers' logits of the sampled sequence (full forward, no cache) through
-    # transformers' own processors, in generate's order, then log_softmax.
-    prompt_len = batch["input_ids"].shape[1]
-    mask = batch["attention_mask"]
-    full = dict(batch, input_ids=a.sequences, attention_mask=torch.cat([mask, a.mask.long()], 1))
-    with torch.no_grad():
-        logits = hf(**hf_kwargs(hf, full)).logits.float()
-    processors = LogitsProcessorList([
-        RepetitionPenaltyLogitsProcessor(1.2, prompt_ignore_length=(mask != 0).int().argmax(1)),
-        TemperatureLogitsWarper(0.7), TopKLogitsWarper(40), TopPLogitsWarper(0.9)])
-    want = torch.zeros_like(a.logprobs)
-    for i in range(a.new_tokens.shape[1]):
-        scores = processors(a.sequences[:, :prompt_len + i], logits[:, prompt_len - 1 + i].clone())
-        want[:, i] = scores.log_softmax(-1).gather(1, a.new_tokens[:, i:i + 1])[:, 0]
-    assert rel_err(a.logprobs[a.mask], want[a.mask]) <= 1e-5
-    assert (a.logprobs[~a.mask] == 0).all()
-
-
-def test_sampling_with_global_rng_matches_hf(untied):
-    hf, ours, _ = untied
-    batch = make_batch([(["tall"], 3), ([], 5)], seed=10)
-    torch.manual_seed(123)
-    out = ours.generate(batch["input_ids"], max_new_tokens=20, eos_token_id=IM_END, pad_token_id=PAD, **SAMPLING,
-                        **ours_kwargs(batch))
-    torch.manual_seed(123)
-    ref = hf_generate(hf, batch, max_new_tokens=20, eos_token_id=[IM_END], pad_token_id=PAD, **SAMPLING)
-    assert torch.equal(out.sequences, ref)
-
-
-def test_cached_decode_matches_uncached_forward(untied):
-    _, ours, _ = untied
-    batch = make_batch([(["wide"], 1), ([], 6), (["tall"], 4)], seed=11)
-    ids, mask = batch["input_ids"], batch["attention_mask"]
-    images = {k: batch[k] for k in ("pixel_values", "image_grid_thw")}
-    out = ours.generate(ids, mask, max_new_tokens=16, eos_token_id=VIDEO, pad_token_id=PAD, return_hidden=True,
-                        **images)
-    # Greedy from scratch: a full uncached forward over the growing sequence at every step.
-    seq, seq_mask = ids, mask
-    with torch.no_grad():
-        for _ in range(16):
-            nxt = ours(seq, attention_mask=seq_mask, **images)[:, -1].argmax(-1)
-            seq, seq_mask = torch.cat([seq, nxt[:, None]], 1), torch.cat([seq_mask, torch.ones_like(nxt)[:, None]], 1)
-        hidden = ours.forward_hidden(seq, attention_mask=seq_mask, **images)
-    assert torch.equal(out.sequences, seq)
-    keep = seq_mask.bool()
-    assert rel_err(out.hidden[keep], hidden[keep]) <= 1e-5
-
-    # GRPO path: log-probs of the sampled tokens from an uncached forward through token_logprobs, at temperature T.
-    sampled = ours.generate(ids, mask, max_new_tokens=12, do_sample=True, temperature=0.8, eos_token_id=IM_END,
-                            pad_token_id=PAD, generator=torch.Generator().manual_seed(5), **images)
-    full_mask = torch.cat([mask, sampled.mask.long()], 1)
-    with torch.no_grad():
-        h = ours.forward_hidden(sampled.sequences, attention_mask=full_mask, **images)
-        lp = ours.token_logprobs(h[:, ids.shape[1] - 1:-1], sampled.new_tokens, temperature=0.8)
-    assert lp.shape == sampled.logprobs.shape and lp.dtype == torch.float32
-    assert rel_err(lp[sampled.mask], sampled.logprobs[sampled.mask]) <= 1e-5
-
-
 def test_gradient_checkpointing_same_values_and_grads(untied):
     _, ours, _ = untied
     batch = make_batch([([], 7), ([], 3)], seed=12)
@@ -534,8 +322,9 @@ def test_bf16_load(untied):
     with torch.no_grad():
         got = model(batch["input_ids"], **ours_kwargs(batch))
         want = ours(batch["input_ids"], **ours_kwargs(batch))
-        out = model.generate(batch["input_ids"], max_new_tokens=4, eos_token_id=IM_END, pad_token_id=PAD,
-                             return_hidden=True, **ours_kwargs(batch))
+        out = generate(model, batch["input_ids"], config=GenerationConfig(max_new_tokens=4, eos_token_id=IM_END,
+                                                                          pad_token_id=PAD),
+                       return_hidden=True, **ours_kwargs(batch))
     keep = batch["attention_mask"].bool()
     assert got.dtype == torch.bfloat16 and rel_err(got[keep], want[keep]) < 0.1
     assert out.logprobs.dtype == torch.float32 and out.hidden.dtype == torch.bfloat16
@@ -606,67 +395,11 @@ def test_bad_inputs(untied):
         ours(split["input_ids"], split["pixel_values"], split["image_grid_thw"])
     with pytest.raises(ValueError, match="all zeros"):
         ours(ids, attention_mask=torch.zeros_like(mask))
-
-    gen = dict(max_new_tokens=4, eos_token_id=IM_END, pad_token_id=PAD)
-    text = make_batch([([], 3), ([], 5)], seed=17)
-    ids, mask = text["input_ids"], text["attention_mask"]
-    with pytest.raises(ValueError, match=r"\+ max_new_tokens 250 = 2.. exceeds max_position_embeddings 256"):
-        ours.generate(ids, mask, **{**gen, "max_new_tokens": 250})
-    with pytest.raises(ValueError, match="left-padded"):
-        ours.generate(ids, mask.flip(1), **gen)
-    for bad, match in [(dict(do_sample=True, temperature=0.0), "temperature"), (dict(top_k=-1), "top_k"),
-                       (dict(top_p=0.0), "top_p"), (dict(repetition_penalty=0.0), "repetition_penalty"),
-                       (dict(max_new_tokens=0), "max_new_tokens"), (dict(pad_token_id=VOCAB), "pad_token_id")]:
-        with pytest.raises(ValueError, match=match):
-            ours.generate(ids, mask, **{**gen, **bad})
     with pytest.raises(ValueError, match="leading dimensions"):
         ours.token_logprobs(torch.zeros(2, 3, 64), torch.zeros(2, 4, dtype=torch.long))
 
 
 # ----------------------------------------------------------------------------------------------------------- groups
-
-def test_draw_tokens_per_row_generators_follow_the_distribution():
-    # Inverse-CDF sampling with one generator per row: row b depends only on generator b, the frequencies follow
-    # the probabilities (30000 draws: 4 std of a binomial frequency is < 0.012), zero-probability tokens never come.
-    probs = torch.tensor([[0.0, 0.5, 0.0, 0.3, 0.2], [0.1, 0.0, 0.9, 0.0, 0.0]])
-    draws = torch.stack([draw_tokens(probs, [torch.Generator().manual_seed(2 * i), torch.Generator().manual_seed(
-        2 * i + 1)]) for i in range(30000)])
-    for b in range(2):
-        freq = torch.bincount(draws[:, b], minlength=5).float() / len(draws)
-        assert (freq - probs[b]).abs().max() < 0.012, (b, freq)
-        assert (freq[probs[b] == 0] == 0).all()
-    alone = torch.stack([draw_tokens(probs[1:], [torch.Generator().manual_seed(2 * i + 1)]) for i in range(200)])
-    assert torch.equal(alone[:, 0], draws[:200, 1])
-
-
-def test_prompt_of_row_shares_the_prefill_and_rows_keep_their_own_generators(untied):
-    _, ours, _ = untied
-    batch = make_batch([(["wide"], 2), (["tall"], 4)], seed=21)
-    rows = [0, 1, 1, 0, 1]
-    seeds = [3, 4, 5, 6, 7]
-    kw = dict(max_new_tokens=10, eos_token_id=IM_END, pad_token_id=PAD, **SAMPLING)
-    shared = ours.generate(batch["input_ids"], prompt_of_row=rows,
-                           generator=[torch.Generator().manual_seed(s) for s in seeds], **kw, **ours_kwargs(batch))
-    # Each row alone: its own prompt (with its own image), batch 1, the same seed.
-    grids = batch["image_grid_thw"]
-    pixels = batch["pixel_values"].split(grids.prod(-1).tolist())
-    for r, (i, s) in enumerate(zip(rows, seeds)):
-        keep = batch["attention_mask"][i].bool()
-        one = ours.generate(batch["input_ids"][i:i + 1, keep], pixel_values=pixels[i], image_grid_thw=grids[i:i + 1],
-                            generator=[torch.Generator().manual_seed(s)], **kw)
-        n = int(one.mask.sum())
-        assert torch.equal(shared.new_tokens[r, :n], one.new_tokens[0, :n]) and int(shared.mask[r].sum()) == n
-        assert rel_err(shared.logprobs[r, :n], one.logprobs[0, :n]) <= 1e-5
-    greedy = dict(max_new_tokens=8, eos_token_id=IM_END, pad_token_id=PAD)
-    a = ours.generate(batch["input_ids"], prompt_of_row=rows, **greedy, **ours_kwargs(batch))
-    assert a.sequences.shape[0] == 5 and torch.equal(a.sequences[:, :batch["input_ids"].shape[1]],
-                                                     batch["input_ids"][rows])
-    with pytest.raises(ValueError, match="prompt index in"):
-        ours.generate(batch["input_ids"], prompt_of_row=[0, 2], **greedy, **ours_kwargs(batch))
-    with pytest.raises(ValueError, match="one generator per output row"):
-        ours.generate(batch["input_ids"], prompt_of_row=rows, generator=[torch.Generator()] * 2, do_sample=True,
-                      **greedy, **ours_kwargs(batch))
-
 
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_forward_after_prompts_equals_one_forward_per_row(untied, checkpointing):

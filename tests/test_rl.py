@@ -3,14 +3,9 @@ import numpy as np
 import pytest
 import torch
 
+from tests.numerics import rel_err
 from train.rl import (EMA, clipped_policy_loss, flow_grpo_loss, group_advantages, grpo_loss, kl_gaussian_means,
                       kl_k3, masked_reduce)
-
-
-def rel_err(a, b) -> float:
-    a, b = (x.detach() if isinstance(x, torch.Tensor) else x for x in (a, b))
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.abs(a - b).max() / max(np.abs(b).max(), 1e-30))
 
 
 def np_advantages(r: np.ndarray, g: int, eps=1e-4, clip=None, global_std=False) -> np.ndarray:

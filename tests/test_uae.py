@@ -6,15 +6,13 @@ import pytest
 import torch
 from PIL import Image
 
+from model import qwen2_5_vl_generation
 from model.flow import flow_sigmas, guided_velocity, sample_ode
 from model.lora import apply_lora, frozen_lora_layers, lora_layers, lora_parameters
 from model.uae import NEGATIVE_PROMPT, UAE
 from tests.fake_release import LLM_LORA_MODULES, build_fake_release
+from tests.numerics import rel_err
 from train.data import procedural_scene
-
-
-def rel_err(a, b):
-    return ((a.float() - b.float()).abs().max() / b.float().abs().max()).item()
 
 
 @pytest.fixture(scope="module")
@@ -32,9 +30,9 @@ def test_tiny_reconstruction_runs_and_is_deterministic(tiny):
     assert rec_c[0].tobytes() != rec_a[0].tobytes()
 
 
-def test_generate_ids_follow_the_released_convention(tiny):
+def test_generate_turn_ids_follow_the_released_convention(tiny):
     p = tiny.processor
-    ids, mask = tiny.generate_ids([NEGATIVE_PROMPT, "a cat"])
+    ids, mask = tiny.generate_turn_ids([NEGATIVE_PROMPT, "a cat"])
     expected = [p.encode(p.apply_chat_template([{"role": "generate", "content": t}], add_generation_prompt=True))
                 for t in (NEGATIVE_PROMPT, "a cat")]
     assert ids[0].tolist() == expected[0]
@@ -48,7 +46,7 @@ def test_generate_ids_follow_the_released_convention(tiny):
 def test_conditioning_and_guided_velocity(tiny):
     prompts = ["a red square", "two blue circles on a yellow background"]
     context, negative = tiny.condition(prompts, guidance_scale=4.0)
-    ids, mask = tiny.generate_ids([NEGATIVE_PROMPT] + prompts)
+    ids, mask = tiny.generate_turn_ids([NEGATIVE_PROMPT] + prompts)
     with torch.no_grad():
         want = tiny.connector(tiny.lvlm.forward_hidden(ids, attention_mask=mask))
     torch.testing.assert_close(context, want[1:])
@@ -171,19 +169,19 @@ def test_caption_inputs_cap_pixels_through_smart_resize(tiny):
 
 
 def test_pad_to_extends_the_right_padding(tiny):
-    ids, mask = tiny.generate_ids(["a cat", "a much longer caption about a cat"])
-    ids2, mask2 = tiny.generate_ids(["a cat", "a much longer caption about a cat"], pad_to=ids.shape[1] + 3)
+    ids, mask = tiny.generate_turn_ids(["a cat", "a much longer caption about a cat"])
+    ids2, mask2 = tiny.generate_turn_ids(["a cat", "a much longer caption about a cat"], pad_to=ids.shape[1] + 3)
     assert torch.equal(ids2[:, :ids.shape[1]], ids) and (ids2[:, ids.shape[1]:] == tiny.processor.pad_token_id).all()
     assert mask2[:, ids.shape[1]:].sum() == 0
     with pytest.raises(ValueError, match="shorter than the longest text"):
-        tiny.generate_ids(["a much longer caption about a cat"], pad_to=2)
+        tiny.generate_turn_ids(["a much longer caption about a cat"], pad_to=2)
 
 
 def test_captions_end_before_a_sampled_placeholder(tiny, monkeypatch):
     # A sampled <|image_pad|> / <|video_pad|> cannot be re-encoded with the image (the LVLM counts image tokens
     # against its patches): the caption ends before the first one, in the text and in the mask the cold start uses.
     p = tiny.processor
-    real = tiny.lvlm.generate
+    real = qwen2_5_vl_generation.generate
 
     def with_placeholders(*a, **k):
         out = real(*a, **k)
@@ -191,7 +189,7 @@ def test_captions_end_before_a_sampled_placeholder(tiny, monkeypatch):
         tokens[0, 2], tokens[1, 3] = p.image_token_id, p.video_token_id
         return dataclasses.replace(out, new_tokens=tokens)
 
-    monkeypatch.setattr(tiny.lvlm, "generate", with_placeholders)
+    monkeypatch.setattr(qwen2_5_vl_generation, "generate", with_placeholders)
     images = [procedural_scene(i, size=64)[0] for i in range(2)]
     texts, inputs, out = tiny.caption(images, max_new_tokens=6, do_sample=False, return_output=True)
     assert out.mask.sum(1).tolist() == [2, 3] and not out.mask[:, 3:].any()
@@ -237,7 +235,7 @@ def test_group_captions_share_the_prefill_and_rows_keep_their_seeds(tiny):
 
 def test_generate_with_a_generator_per_prompt_matches_each_alone(tiny):
     prompts = ["a red circle", "a much longer caption: two blue squares on a green background"]
-    pad_to = tiny.generate_ids([NEGATIVE_PROMPT] + prompts)[0].shape[1]
+    pad_to = tiny.generate_turn_ids([NEGATIVE_PROMPT] + prompts)[0].shape[1]
     both = tiny.generate(prompts, steps=2, generator=[torch.Generator().manual_seed(s) for s in (1, 2)],
                          output_type="tensor", pad_to=pad_to)
     for i, s in enumerate((1, 2)):

@@ -6,13 +6,10 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from model.vae import VAE, VAE_PRESETS, VAEConfig, tiled_apply
+from tests.numerics import rel_err
 from weights import CheckpointError
 
 diffusers = pytest.importorskip("diffusers")
-
-
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 def _reference(tmp_path, *, quant: bool = False, attention: bool = True, name: str = "vae"):

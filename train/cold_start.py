@@ -34,7 +34,7 @@ import torch
 
 from model.flow import flow_sigmas, sample_ode
 from model.lora import apply_lora, load_lora, lora_parameters
-from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS, NEGATIVE_PROMPT
+from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS, NEGATIVE_PROMPT, UAESettings
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
                           build_reward, build_uae, finish_run, finite, global_max, init_distributed, is_tiny,
                           open_run_folder, option, parse_dtype, parse_options, reduce_stats, require, resume_loop,
@@ -55,7 +55,7 @@ class Options(RunOptions):
     sample_steps: int = option(4, "denoising steps (released: 10)")
     grad_last_k: int = option(0, "backprop through the last K denoising steps only; 0 = all")
     guidance_scale: float = option(5.0, "CFG scale")
-    caption_temperature: float = option(0.7, "caption sampling temperature")
+    caption_temperature: float = option(UAESettings.caption_temperature, "caption sampling temperature")
     max_new_tokens: int = option(0, "max caption tokens; 0 = the model's default")
     train_connector: bool = option(True, "train the connector's full weights")
 

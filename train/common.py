@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 
 from model.handoff import BASE_PARTS
+from model.uae import LORA_ALPHA, LORA_RANK
 
 # ----------------------------------------------------------------------------------------------- options from argv
 
@@ -114,8 +115,8 @@ class RunOptions:
     lr: float = option(1e-4, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradient norm clip")
-    lora_rank: int = option(32, "LoRA rank")
-    lora_alpha: float = option(64.0, "LoRA alpha")
+    lora_rank: int = option(LORA_RANK, "LoRA rank")
+    lora_alpha: float = option(LORA_ALPHA, "LoRA alpha")
     dtype: str = option("fp32", "fp32 | bf16 model weights")
     device: str = option("auto", "auto | cpu | cuda")
     grad_checkpointing: bool = option(False, "activation checkpointing")
@@ -219,11 +220,11 @@ def global_max(n: int) -> int:
     return int(t)
 
 
-def encode_text(uae, texts: list[str]) -> torch.Tensor:
+def encode_text_padded_over_ranks(uae, texts: list[str]) -> torch.Tensor:
     """`uae.encode_text` padded to the longest text of all ranks: the DiT has no text mask (the released convention),
     so the padding a text gets changes its image, and global padding keeps N processes equal to one process with
     the same global batch."""
-    return uae.encode_text(texts, pad_to=global_max(uae.generate_ids(texts)[0].shape[1]))
+    return uae.encode_text(texts, pad_to=global_max(uae.generate_turn_ids(texts)[0].shape[1]))
 
 
 def condition_length(uae, prompts: list[str], guidance_scale: float) -> int:
@@ -232,12 +233,17 @@ def condition_length(uae, prompts: list[str], guidance_scale: float) -> int:
     from model.uae import NEGATIVE_PROMPT
 
     padded_together = ([NEGATIVE_PROMPT] if guidance_scale > 1.0 else []) + list(prompts)
-    return global_max(uae.generate_ids(padded_together)[0].shape[1])
+    return global_max(uae.generate_turn_ids(padded_together)[0].shape[1])
 
 
-def condition(uae, prompts: list[str], guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """`uae.condition` (the negative prompt padded together with the positives) padded like `encode_text`."""
+def condition_padded_over_ranks(uae, prompts: list[str],
+                                guidance_scale: float) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`uae.condition` (the negative prompt padded together with the positives) padded like
+    `encode_text_padded_over_ranks`."""
     return uae.condition(prompts, guidance_scale, pad_to=condition_length(uae, prompts, guidance_scale))
+
+
+encode_text = encode_text_padded_over_ranks  # the old name, until train/sft_decoder.py imports the new one
 
 
 def reduce_stats(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:

@@ -48,13 +48,13 @@ import torch
 
 from model.flow import Trajectory, flow_sigmas, sample_sde_trajectory, transition_log_prob
 from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
-from model.uae import DIT_LORA_TARGETS
+from model.uae import DIT_LORA_TARGETS, UAESettings
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, all_gather_cat,
-                          average_gradients, build_dataset, build_reward, build_uae, condition, finish_run, finite,
-                          group_rewards, init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options,
-                          reduce_stats, require, resume_loop, rng_state, run_script, save_run_checkpoint,
-                          split_for_rank, step_generator, trained_adapter, warn_single_sample_groups,
-                          warn_zero_advantages)
+                          average_gradients, build_dataset, build_reward, build_uae, condition_padded_over_ranks,
+                          finish_run, finite, group_rewards, init_distributed, is_tiny, open_run_folder, option,
+                          parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
+                          save_run_checkpoint, split_for_rank, step_generator, trained_adapter,
+                          warn_single_sample_groups, warn_zero_advantages)
 from train.data import ResumableSampler
 from train.rl import EMA, flow_grpo_loss, group_advantages
 
@@ -95,7 +95,7 @@ class Options(RunOptions):
     weight_decay: float = option(1e-4, "AdamW weight decay")
     lora_targets: str = option(DIT_LORA_TARGETS, "comma-separated DiT module names that get LoRA")
     ema_decay: float = option(0.95, "EMA decay of the adapters (for evaluation); 0 = off")
-    caption_temperature: float = option(0.7, "captioner sampling temperature (0 = greedy)")
+    caption_temperature: float = option(UAESettings.caption_temperature, "captioner sampling temperature (0 = greedy)")
     caption_tokens: int = option(0, "max caption tokens; 0 = the model's default")
 
     def check(self) -> None:
@@ -233,7 +233,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         # 2. Rollouts with the current policy (adapters on), the SDE steps' log-probs recorded.
         with torch.no_grad():
-            context, negative = condition(uae, prompts, o.guidance_scale)  # padded like the global batch
+            context, negative = condition_padded_over_ranks(uae, prompts, o.guidance_scale)
         sample_guidance = o.guidance_scale if negative is not None else None
         traj = rollout(uae.velocity_fn(context, negative), noise, step_noise, sigmas, o, sde_steps, sample_guidance)
 
