@@ -104,8 +104,8 @@ class RunOptions:
     dit_lora: str = option("", "plain parts: a DiT LoRA (PEFT folder), kept frozen")
     init: str = option("", "start from a previous stage's result: its run folder (latest checkpoint) or a checkpoint "
                            "folder; its adapters stack frozen under this stage's, its connector replaces the base's")
-    data: str = option("", "folder or JSONL of images (with captions where the stage needs them); "
-                           "empty = procedurally generated scenes")
+    data: str = option("", "JSONL, folder of images, or folder of *.jsonl manifests or *.tar shards (with captions "
+                           "where the stage needs them); empty = procedurally generated scenes")
     procedural_images: int = option(1000, "how many procedural scenes when --data is empty")
     out: str = option("runs/train", "run folder: metrics.jsonl, checkpoints, adapters")
     resume: bool = option(False, "continue from the latest checkpoint in --out")

@@ -23,6 +23,11 @@ Launch:
         --dtype bf16 --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --steps 1000 \
         --out runs/sft_decoder
     # resume: the same command with --resume
+
+Data: --data also takes folders of tar shards or JSONL manifests; --workers N processes per rank decode ahead of the
+step; --cache-latents DIR encodes the images once and trains from the VAE posteriors it stores (README, "Training
+data"). x0 is a posterior sample (mean + std * eps, eps from the step's generator), as SD3's training samples
+latent_dist; --no-latent-sample takes the mean.
 """
 from __future__ import annotations
 
@@ -43,7 +48,8 @@ from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, 
                           build_uae, encode_text, finish_run, finite, init_distributed, open_run_folder, option,
                           parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
                           save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
-from train.data import ResumableSampler, pil_to_tensor
+from train import latent_cache
+from train.data import BatchLoader, ImageTensors, ResumableSampler
 
 
 @dataclass
@@ -59,6 +65,13 @@ class Options(RunOptions):
     fsdp: bool = option(False, "shard the DiT and connector with FSDP2 (full-parameter training only)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     save_every: int = option(20, "checkpoint every N steps (and at the end)")
+    workers: int = option(2, "data loader processes per rank that decode and resize ahead of the step (0: in the "
+                             "training process); the batches do not depend on it")
+    cache_latents: str = option("", "folder of a VAE latent cache: built by one pass over --data split across the "
+                                    "ranks when it has no index.json, then read instead of encoding every step; a "
+                                    "cache made by another VAE, --size, --dtype or dataset is refused")
+    latent_sample: bool = option(True, "train on a sample of the VAE posterior (SD3's training; mean + std * eps "
+                                       "from the step's generator); --no-latent-sample: its mean")
 
     full_parameter_training = True  # --lora-rank 0
 
@@ -71,6 +84,9 @@ class Options(RunOptions):
         require(finite(self.logit_std) and self.logit_std > 0, f"--logit-std must be > 0, got {self.logit_std}")
         require(not (self.fsdp and self.lora_rank > 0),
                 "--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
+        require(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        require(not self.cache_latents or not os.path.isfile(self.cache_latents),
+                f"--cache-latents {self.cache_latents} is a file; it takes a folder")
 
 
 RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp",
@@ -135,6 +151,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = build_dataset(o, need_caption=True)
     sampler = ResumableSampler(dataset, seed=o.seed)
+    if o.cache_latents:
+        cache = latent_cache.open_or_build(o.cache_latents, uae.vae, dataset, o.size, dtype, d.rank, d.world,
+                                           d.device, max(1, o.batch_size // d.world), o.workers)
+        fetch = latent_cache.CachedLatents(cache, dataset)
+    else:
+        fetch = ImageTensors(dataset, o.size)
+    loader = BatchLoader(sampler, o.batch_size, mine, fetch, workers=o.workers, device=d.device)
     if state is not None and o.lora_rank > 0:  # trained DiT weights and connector came back with model/ (build_uae)
         load_lora(uae.dit, trained_adapter(folder, "dit"))
 
@@ -149,15 +172,23 @@ def main(argv: list[str] | None = None) -> dict:
 
     for step in range(start + 1, o.steps + 1):
         gen = step_generator(o.seed, step)
-        pairs = sampler.next_batch(o.batch_size)
+        pairs = loader.next_batch()  # this rank's share
         latent_shape = uae.latent_shape(o.batch_size, o.size, o.size)
         noise = torch.randn(latent_shape, generator=gen)[mine].to(d.device)
         sigmas = sample_sigmas(o.batch_size, o, uae.settings.shift, gen)[mine].to(d.device)
-        images = [im for im, _ in pairs[mine]]
-        captions = [c for _, c in pairs[mine]]
+        eps = torch.randn(latent_shape, generator=gen)[mine].to(d.device)  # the posterior sample's
+        captions = [c for _, c in pairs]
 
         with torch.no_grad():
-            x0 = uae.vae.to_model_latents(uae.vae.encode(pil_to_tensor(images, o.size).to(d.device, dtype))).float()
+            if o.cache_latents:
+                mean = torch.stack([m for (m, _), _ in pairs]).to(d.device)
+                std = torch.stack([s for (_, s), _ in pairs]).to(d.device)
+            else:
+                images = ImageTensors.to_unit_range(torch.stack([im for im, _ in pairs])).to(d.device, dtype)
+                mean, logvar = uae.vae.encode_dist(images)
+                std = torch.exp(0.5 * logvar.float()).to(mean.dtype)
+            z = (mean.float() + std.float() * eps) if o.latent_sample else mean.float()
+            x0 = uae.vae.to_model_latents(z)
         s = sigmas.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -195,6 +226,7 @@ def main(argv: list[str] | None = None) -> dict:
             if d.is_main:
                 save_run_checkpoint(o, step, state, uae, stage="sft_decoder", trains=trains, inherited=inherited,
                                     **full)
+    loader.close()
     finish_run(o, log)
     return metrics
 
