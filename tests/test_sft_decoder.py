@@ -132,7 +132,10 @@ def image_folder(root, n=6, bad=(2,)) -> Path:
     return root
 
 
-def test_workers_and_latent_cache_change_nothing_and_resume(tmp_path, capsys):
+def test_workers_and_latent_cache_change_nothing_and_resume(tmp_path, capsys, monkeypatch):
+    from train import latent_cache
+
+    monkeypatch.setattr(latent_cache, "SHARD_ITEMS", 2)  # several shards
     data = image_folder(tmp_path / "data")
     args = FAST + ["--data", str(data), "--save-every", "1"]
     sd.main(args + ["--steps", "4", "--workers", "0", "--out", str(tmp_path / "plain")])
@@ -140,6 +143,7 @@ def test_workers_and_latent_cache_change_nothing_and_resume(tmp_path, capsys):
     sd.main(args + ["--steps", "2", "--workers", "2", "--cache-latents", str(cache), "--out", str(tmp_path / "c")])
     index = json.loads((cache / "index.json").read_text())
     assert list(index["skipped"]) == ["2"] and "im2.png" in index["skipped"]["2"]
+    assert [len(s["items"]) for s in index["shards"]] == [2, 2, 1]
     assert index["identity"]["size"] == 64 and index["identity"]["dtype"] == "float32"
     assert "encoding 6 images" in capsys.readouterr().out
     sd.main(args + ["--steps", "4", "--workers", "2", "--cache-latents", str(cache), "--out", str(tmp_path / "c"),

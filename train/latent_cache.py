@@ -12,7 +12,8 @@ Layout: `latents-r{rank}-{k}.safetensors` shards ("mean", "std" [m, C, h, w] and
 hold), written atomically by the rank that encoded them, and `index.json`, written last by rank 0, so a folder
 without it is an interrupted pass and is rebuilt. `index.json` records what produced the cache (format, the VAE's
 weights hash, image size, dtype, the dataset's fingerprint and length) and the items that could not be decoded
-(skipped at training time as without the cache); opening a cache made otherwise is an error naming the field.
+(skipped at training time as without the cache); opening a cache made otherwise is an error naming the field. The
+folder must be one every rank sees (a shared filesystem when the ranks span several machines).
 """
 from __future__ import annotations
 
@@ -30,7 +31,7 @@ from weights import open_checkpoint, save_safetensors
 
 FORMAT = 1
 INDEX = "index.json"
-SHARD_ITEMS = 1024  # items per shard file: ~1 GB per shard at 1024 px in bf16 (mean and std)
+SHARD_ITEMS = 512  # items per shard file (and held in memory before it is written): 512 MB at 1024 px in bf16
 
 
 def vae_hash(vae: torch.nn.Module) -> str:
@@ -148,32 +149,38 @@ def _build(folder: Path, vae, dataset, size, dtype, rank, world, device, batch_s
     loader = torch.utils.data.DataLoader(_Fetching(ImageTensors(dataset, size)), batch_size=None, sampler=mine,
                                          num_workers=workers, collate_fn=_as_is,
                                          prefetch_factor=max(2, batch_size // max(workers, 1)) if workers else None)
-    shards, skipped, rows = [], {}, []
+    shards, skipped = [], {}
+    pending, done = [], {"items": [], "mean": [], "std": []}  # images waiting for a batch; latents for a shard
 
-    def flush_shard(rows: list) -> None:
-        images = ImageTensors.to_unit_range(torch.stack([r[1] for r in rows])).to(device, dtype)
-        means, stds = [], []
-        for k in range(0, len(images), batch_size):
-            mean, logvar = vae.encode_dist(images[k:k + batch_size])
-            means.append(mean.to(dtype).cpu())
-            stds.append(torch.exp(0.5 * logvar.float()).to(dtype).cpu())
+    def encode(pending: list) -> None:
+        images = ImageTensors.to_unit_range(torch.stack([image for _, image in pending])).to(device, dtype)
+        mean, logvar = vae.encode_dist(images)
+        done["items"] += [i for i, _ in pending]
+        done["mean"].append(mean.to(dtype).cpu())
+        done["std"].append(torch.exp(0.5 * logvar.float()).to(dtype).cpu())
+
+    def write_shard() -> None:
         name = f"latents-r{rank:05d}-{len(shards):05d}.safetensors"
-        items = [r[0] for r in rows]
-        save_safetensors({"mean": torch.cat(means), "std": torch.cat(stds),
-                          "index": torch.tensor(items, dtype=torch.int64)}, folder / name)
-        shards.append({"file": name, "items": items})
+        save_safetensors({"mean": torch.cat(done["mean"]), "std": torch.cat(done["std"]),
+                          "index": torch.tensor(done["items"], dtype=torch.int64)}, folder / name)
+        shards.append({"file": name, "items": done["items"]})
+        done.update(items=[], mean=[], std=[])
 
     for i, item, reason in loader:
         if reason is not None:
             skipped[i] = f"{_name(dataset, i)}: {reason}"
             print(f"warning: --cache-latents: skipping undecodable image {skipped[i]}", file=sys.stderr, flush=True)
             continue
-        rows.append((i, item[0]))
-        if len(rows) == SHARD_ITEMS:
-            flush_shard(rows)
-            rows = []
-    if rows:
-        flush_shard(rows)
+        pending.append((i, item[0]))
+        if len(pending) == batch_size:
+            encode(pending)
+            pending = []
+        if len(done["items"]) >= SHARD_ITEMS:
+            write_shard()
+    if pending:
+        encode(pending)
+    if done["items"]:
+        write_shard()
     part = {"shards": shards, "skipped": skipped}
     parts = [part]
     if dist.is_initialized() and world > 1:
