@@ -117,14 +117,15 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
     assert rows(tmp_path / "two")[-1]["loss"] == pytest.approx(rows(tmp_path / "one")[-1]["loss"], rel=1e-5)
 
 
-def image_folder(root, n=6, bad=(2,)) -> Path:
-    """n small images with captions, the ones in `bad` undecodable."""
+def image_folder(root, n=6, bad=(2,), shapes=((48, 40),)) -> Path:
+    """n small images with captions, of (width, height) `shapes` in turn, the ones in `bad` undecodable."""
     from PIL import Image
 
     root.mkdir()
     g = torch.Generator().manual_seed(0)
     for i in range(n):
-        pixels = torch.randint(0, 256, (40 + 4 * i, 48, 3), generator=g, dtype=torch.uint8)
+        w, h = shapes[i % len(shapes)]
+        pixels = torch.randint(0, 256, (h + 4 * i, w, 3), generator=g, dtype=torch.uint8)
         Image.fromarray(pixels.numpy()).save(root / f"im{i}.png")
         (root / f"im{i}.txt").write_text(f"a picture number {i}")
     for i in bad:
@@ -164,15 +165,40 @@ def test_workers_and_latent_cache_change_nothing_and_resume(tmp_path, capsys, mo
         sd.main(["--workers", "-1"])
 
 
-def test_two_processes_with_workers_and_a_cache_built_by_both(tmp_path):
-    data = image_folder(tmp_path / "data", n=7, bad=(1, 5))
-    args = FAST + ["--data", str(data), "--steps", "3", "--save-every", "3"]
+@pytest.mark.parametrize("buckets", ["", "auto"])
+def test_two_processes_with_workers_and_a_cache_built_by_both(tmp_path, buckets):
+    data = image_folder(tmp_path / "data", n=9, bad=(1, 5), shapes=((48, 40), (90, 40), (40, 90)))
+    args = FAST + ["--data", str(data), "--steps", "3", "--save-every", "3", "--buckets", buckets]
     sd.main(args + ["--workers", "0", "--out", str(tmp_path / "one")])
     torchrun(args + ["--workers", "2", "--cache-latents", str(tmp_path / "cache")], tmp_path / "two")
     shards = json.loads((tmp_path / "cache" / "index.json").read_text())["shards"]
     assert {s["file"].split("-")[1] for s in shards} == {"r00000", "r00001"}  # each rank encoded its share
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
-        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y.get("bucket") == x.get("bucket")
+    if buckets:
+        assert len({r["bucket"] for r in rows(tmp_path / "one")}) > 1
     a, b = adapter(trained(tmp_path / "one", "dit")), adapter(trained(tmp_path / "two", "dit"))
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_resume_and_cache(tmp_path):
+    data = image_folder(tmp_path / "data", n=8, bad=(3,), shapes=((48, 40), (90, 40), (40, 90)))
+    args = FAST + ["--data", str(data), "--save-every", "1", "--buckets", "auto"]
+    sd.main(args + ["--steps", "5", "--workers", "0", "--out", str(tmp_path / "full")])
+    cache = tmp_path / "cache"
+    sd.main(args + ["--steps", "2", "--cache-latents", str(cache), "--out", str(tmp_path / "part")])
+    index = json.loads((cache / "index.json").read_text())
+    assert index["identity"]["buckets"] == [[64, 64], [48, 80], [80, 48]]
+    assert index["bucket_of"][:3] == [0, 2, 1] and index["bucket_of"][3] == -1  # (an unreadable header)
+    sd.main(args + ["--steps", "5", "--cache-latents", str(cache), "--out", str(tmp_path / "part"), "--resume"])
+    full, part = rows(tmp_path / "full"), rows(tmp_path / "part")
+    assert [r["bucket"] for r in part] == [r["bucket"] for r in full] and len({r["bucket"] for r in full}) > 1
+    for x, y in zip(full, part):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="--buckets"):
+        sd.main(args[:-2] + ["--steps", "6", "--out", str(tmp_path / "part"), "--resume"])
+    with pytest.raises(ValueError, match="another buckets"):
+        sd.main(args[:-1] + ["64x64", "--steps", "1", "--cache-latents", str(cache), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sd.main(["--buckets", "50x64"])

@@ -8,8 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from train.data import (BatchLoader, ImageCaptionDataset, ImageTensors, ProceduralDataset, ResumableSampler,
-                        SamplerState, pil_to_tensor, procedural_scene, tensor_to_pil)
+from train.data import (BatchLoader, BucketLoader, BucketSampler, ImageCaptionDataset, ImageTensors, ProceduralDataset,
+                        ResumableSampler, SamplerState, assign_buckets, auto_buckets, nearest_bucket, parse_buckets,
+                        pil_to_tensor, procedural_scene, tensor_to_pil)
 
 
 def test_procedural_scene_is_deterministic_and_varied():
@@ -236,3 +237,63 @@ def test_batch_loader_ranks_split_the_batch_of_one_process(tmp_path, monkeypatch
     assert [a + b for a, b in zip(got[0], got[1])] == expected
     assert states[0] == states[1] == reference.state
     assert len(fetched[0]) + len(fetched[1]) < 2 * 8 * 4  # each fetched about its half, not the whole batch
+
+
+def test_buckets_shapes_and_crops():
+    assert auto_buckets(64) == [(64, 64), (48, 80), (80, 48)]
+    for w, h in auto_buckets(1024):
+        assert w * h <= 1024 * 1024 and w % 64 == 0 and h % 64 == 0 and max(w / h, h / w) <= 2
+        assert (h, w) in auto_buckets(1024)
+    assert parse_buckets("", 64) is None and parse_buckets("32x48,64x64", 64) == [(32, 48), (64, 64)]
+    with pytest.raises(ValueError, match="'30x48'"):
+        parse_buckets("30x48", 64)
+    buckets = auto_buckets(64)
+    assert [nearest_bucket(w, h, buckets) for w, h in ((100, 100), (50, 90), (200, 110), (10, 100))] == [0, 1, 2, 1]
+    im = Image.new("RGB", (90, 40), (0, 0, 0))
+    im.paste((255, 0, 0), (0, 0, 10, 40))  # a red band at the left edge: cropped away by the 5:3 centre crop
+    t = ImageTensors(_Named([(im, "c")]), 64, [2], buckets)(0)[0]
+    assert t.shape == (3, 48, 80) and int(t[0, :, 0].max()) < 40
+
+
+class _Named:
+    def __init__(self, items):
+        self.items = items
+
+    def __len__(self):
+        return len(self.items)
+
+    def load(self, i):
+        return self.items[i]
+
+
+def test_bucket_loader_never_mixes_buckets_and_resumes(tmp_path):
+    shapes = [(40, 40), (30, 60), (60, 30), (44, 40), (30, 62), (64, 30), (40, 42), (28, 60), (66, 30), (40, 40),
+              (30, 58), (70, 34), (41, 41), (30, 60)]
+    for i, (w, h) in enumerate(shapes):
+        Image.new("RGB", (w, h), (i * 10, 0, 0)).save(tmp_path / f"im{i:02d}.png")
+        (tmp_path / f"im{i:02d}.txt").write_text(f"{w}x{h}")
+    (tmp_path / "im04.png").write_bytes(b"bad")
+    ds = ImageCaptionDataset(tmp_path)
+    buckets = auto_buckets(64)
+    bucket_of = assign_buckets(ds, buckets)
+    assert bucket_of[4] == -1 and bucket_of[:3] == [0, 1, 2]
+
+    def run(workers, steps, state=None):
+        sampler = BucketSampler(ds, bucket_of, len(buckets), seed=5)
+        if state is not None:
+            sampler.load_state_dict(state)
+        loader = BucketLoader(sampler, 2, slice(0, 2), ImageTensors(ds, 64, bucket_of, buckets), workers=workers)
+        out = []
+        for _ in range(steps):
+            k, items = loader.next_batch()
+            assert all(t.shape[1:] == (buckets[k][1], buckets[k][0]) for t, _ in items)
+            out.append((k, [c for _, c in items]))
+        loader.close()
+        return out, sampler.state_dict()
+
+    full, end = run(0, 16)
+    assert {k for k, _ in full} == {0, 1, 2}
+    assert run(2, 16) == (full, end)
+    first, middle = run(2, 7)
+    rest, end2 = run(2, 9, middle)
+    assert first + rest == full and end2 == end

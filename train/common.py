@@ -597,7 +597,10 @@ def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, o, is_m
 
     (load_optimizer or opt.load_state_dict)(state["optimizer"])
     apply_optimizer_options(opt, o, is_main)
-    sampler.state = SamplerState(**state["sampler"])
+    if hasattr(sampler, "load_state_dict"):  # a sampler with more state than (epoch, position): BucketSampler
+        sampler.load_state_dict(state["sampler"])
+    else:
+        sampler.state = SamplerState(**state["sampler"])
     set_rng_state(state["rng"])
     return state["step"]
 

@@ -3,8 +3,10 @@ runs, and a resumable sampler that hands every rank the same global order."""
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
+import math
 import os
 import sys
 import tarfile
@@ -70,6 +72,9 @@ class ProceduralDataset:
 
     def name(self, i: int) -> str:
         return f"procedural scene {i}"
+
+    def image_size(self, i: int) -> tuple[int, int]:
+        return self.size, self.size
 
     def fingerprint(self) -> str:
         return f"procedural n={self.n} size={self.size} seed={self.seed}"
@@ -214,6 +219,21 @@ class ImageCaptionDataset:
             raise ValueError(f"{source}: {len(data)} of {image_size} bytes (the shard changed since it was indexed)")
         return to_rgb(decode_image(data, source)), caption
 
+    def image_size(self, i: int) -> tuple[int, int]:
+        """(width, height) of item i as `load` returns it (EXIF orientation applied), from the header where it can."""
+        source = self.items[i][0]
+        if self.shards:
+            shard, at, size, _, _ = self.members[i]
+            with open(self.shards[shard], "rb") as f:
+                f.seek(at)
+                data = io.BytesIO(f.read(size))
+        try:
+            with Image.open(data if self.shards else source) as im:
+                w, h = im.size
+                return (h, w) if im.getexif().get(0x0112) in (5, 6, 7, 8) else (w, h)  # rotated a quarter turn
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError) as e:
+            raise ValueError(f"cannot read image {str(source)!r} ({type(e).__name__}: {e})") from None
+
     def note_skipped(self, i: int, reason: str) -> None:
         """Count item `i` as undecodable and warn, once per item."""
         if i not in self.skipped:
@@ -303,14 +323,18 @@ class ResumableSampler:
 class ImageTensors:
     """What a worker makes of item i: (the image cropped to its centre square and resized to `size`, a [3, size,
     size] uint8 tensor (4x less to pass between processes than floats), the caption). `to_unit_range` turns a
-    stack of them into pil_to_tensor's values exactly."""
+    stack of them into pil_to_tensor's values exactly. With aspect-ratio buckets (`bucket_of[i]` indexes `buckets`,
+    (width, height) pairs) the crop takes the bucket's aspect ratio and the resize its size."""
 
-    def __init__(self, dataset, size: int):
-        self.dataset, self.size = dataset, size
+    def __init__(self, dataset, size: int, bucket_of: list[int] | None = None,
+                 buckets: list[tuple[int, int]] | None = None):
+        self.dataset, self.size, self.bucket_of, self.buckets = dataset, size, bucket_of, buckets
 
     def __call__(self, i: int) -> tuple[torch.Tensor, str | None]:
         image, caption = _load(self.dataset, i)
-        return _square_uint8(image, self.size), caption
+        if self.bucket_of is None:
+            return _fit_uint8(image, self.size, self.size), caption
+        return _fit_uint8(image, *self.buckets[self.bucket_of[i]]), caption
 
     @staticmethod
     def to_unit_range(images: torch.Tensor) -> torch.Tensor:
@@ -457,15 +481,183 @@ class BatchLoader:
 
 def pil_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
     """PIL images -> [B,3,size,size] in [-1, 1] (bicubic resize of the centre square), the VAE's input range."""
-    return ImageTensors.to_unit_range(torch.stack([_square_uint8(im, size) for im in images]))
+    return ImageTensors.to_unit_range(torch.stack([_fit_uint8(im, size, size) for im in images]))
 
 
-def _square_uint8(im: Image.Image, size: int) -> torch.Tensor:
+def _fit_uint8(im: Image.Image, width: int, height: int) -> torch.Tensor:
+    """The centre crop of `im` with the aspect ratio width:height, resized (bicubic) to [3, height, width] uint8."""
     w, h = im.size
-    s = min(w, h)
-    im = to_rgb(im).crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    im = im.resize((size, size), Image.BICUBIC)
-    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(size, size, 3).permute(2, 0, 1)
+    if w * height > h * width:  # wider than the target: keep the full height
+        cw, ch = h * width // height, h
+    else:
+        cw, ch = w, w * height // width
+    left, top = (w - cw) // 2, (h - ch) // 2
+    im = to_rgb(im).crop((left, top, left + cw, top + ch)).resize((width, height), Image.BICUBIC)
+    return torch.frombuffer(bytearray(im.tobytes()), dtype=torch.uint8).view(height, width, 3).permute(2, 0, 1)
+
+
+# ----------------------------------------------------------------------------------------------- aspect-ratio buckets
+
+def auto_buckets(size: int, max_ratio: float = 2.0) -> list[tuple[int, int]]:
+    """SD3 / SDXL-style buckets for `size`: (width, height) with width * height <= size^2, sides multiples of 64 (16
+    below 256 px; the VAE's 8 x the DiT's patch 2), aspect ratios up to `max_ratio` either way; the square first,
+    then by aspect ratio."""
+    m = 64 if size >= 256 else 16
+    widest: dict[int, int] = {}  # height -> the widest width that fits the area
+    for w in range(m, 4 * size + 1, m):
+        h = size * size // w // m * m
+        if h >= m and max(w / h, h / w) <= max_ratio:
+            widest[h] = max(widest.get(h, 0), w)
+    found = {(w, h) for h, w in widest.items()} | {(size, size)}
+    found |= {(h, w) for w, h in found}  # both orientations of each shape
+    return sorted(found, key=lambda b: (b != (size, size), b[0] / b[1]))
+
+
+def parse_buckets(spec: str, size: int) -> list[tuple[int, int]] | None:
+    """--buckets: "" (none: square --size), "auto" (auto_buckets(size)) or "WxH,WxH,..."; ValueError names the bad
+    part."""
+    if not spec:
+        return None
+    if spec == "auto":
+        return auto_buckets(size)
+    out = []
+    for part in spec.split(","):
+        try:
+            w, h = (int(v) for v in part.lower().split("x"))
+        except ValueError:
+            raise ValueError(f"--buckets: {part!r} is not WIDTHxHEIGHT") from None
+        if w < 16 or h < 16 or w % 16 or h % 16:
+            raise ValueError(f"--buckets: {part!r}: sides must be positive multiples of 16 (VAE 8 x DiT patch 2)")
+        out.append((w, h))
+    return out
+
+
+def nearest_bucket(width: int, height: int, buckets: list[tuple[int, int]]) -> int:
+    """The bucket whose aspect ratio is closest to width:height in log scale (the first of a tie)."""
+    r = math.log(width / height)
+    return min(range(len(buckets)), key=lambda k: abs(math.log(buckets[k][0] / buckets[k][1]) - r))
+
+
+class _BucketOf:
+    """A worker's bucket of item i from its size (the header: no full decode for files)."""
+
+    def __init__(self, dataset, buckets):
+        self.dataset, self.buckets = dataset, buckets
+
+    def __call__(self, i: int) -> int:
+        ds = self.dataset
+        size = ds.image_size(i) if hasattr(ds, "image_size") else _load(ds, i)[0].size
+        return nearest_bucket(*size, self.buckets)
+
+
+def assign_buckets(dataset, buckets: list[tuple[int, int]], rank: int = 0, world: int = 1,
+                   workers: int = 0) -> list[int]:
+    """The bucket of every item (-1: its image cannot be read; it is skipped and counted), from one pass over the
+    image headers split across the ranks (every rank gets the whole list)."""
+    import torch.distributed as dist
+
+    mine = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(_Fetching(_BucketOf(dataset, buckets)), batch_size=None, sampler=mine,
+                                         num_workers=workers, collate_fn=_as_is)
+    found = {}
+    for i, bucket, reason in loader:
+        found[i] = -1 if reason is not None else bucket
+        if reason is not None and hasattr(dataset, "note_skipped"):
+            dataset.note_skipped(i, reason)
+    parts = [found]
+    if dist.is_initialized() and world > 1:
+        parts = [None] * world
+        dist.all_gather_object(parts, found)
+    merged = {i: b for part in parts for i, b in part.items()}
+    return [merged[i] for i in range(len(dataset))]
+
+
+class _Subset:
+    """Items `indices` of a dataset numbered 0..n-1 (one bucket's items, for its own sampler)."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def name(self, j: int) -> str:
+        return _name(self.dataset, self.indices[j])
+
+    def note_skipped(self, j: int, reason: str) -> None:
+        if hasattr(self.dataset, "note_skipped"):
+            self.dataset.note_skipped(self.indices[j], reason)
+        else:
+            print(f"warning: skipping undecodable item {self.name(j)} ({reason})", file=sys.stderr, flush=True)
+
+    def load(self, j: int):
+        return _load(self.dataset, self.indices[j])
+
+    def __getitem__(self, j: int):
+        try:
+            return self.load(j)
+        except (OSError, ValueError) as e:
+            self.note_skipped(j, str(e))
+            return None
+
+
+class _SubsetFetch:
+    def __init__(self, fetch, indices: list[int]):
+        self.fetch, self.indices = fetch, indices
+
+    def __call__(self, j: int):
+        return self.fetch(self.indices[j])
+
+
+class BucketSampler:
+    """Aspect-ratio buckets: a ResumableSampler per bucket over its items, and the bucket of the k-th global batch
+    drawn from (seed, k) with probability proportional to the bucket's number of items, so each item comes up at the
+    same rate whatever its bucket. The state (`state_dict`) is the number of batches taken and each bucket's
+    (epoch, position); it resumes exactly, and a global batch never mixes buckets."""
+
+    def __init__(self, dataset, bucket_of: list[int], n_buckets: int, seed: int):
+        self.dataset, self.seed = dataset, seed
+        self.members = [[i for i, b in enumerate(bucket_of) if b == k] for k in range(n_buckets)]
+        if not any(self.members):
+            raise ValueError("no item of the dataset fits a bucket (every image is unreadable)")
+        self.samplers = {k: ResumableSampler(_Subset(dataset, m), seed=seed + 7919 * (k + 1))
+                         for k, m in enumerate(self.members) if m}
+        self.weights = torch.tensor([float(len(m)) for m in self.members], dtype=torch.float64)
+        self.batches = 0
+
+    def bucket(self, k: int) -> int:
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + k)
+        return int(torch.multinomial(self.weights, 1, generator=g))
+
+    def state_dict(self) -> dict:
+        return {"batches": self.batches, "buckets": {str(k): asdict(s.state) for k, s in self.samplers.items()}}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.batches = state["batches"]
+        for k, s in state["buckets"].items():
+            self.samplers[int(k)].state = SamplerState(**s)
+
+
+class BucketLoader:
+    """BatchLoader over buckets: next_batch() -> (bucket, this rank's items of the next global batch), each bucket's
+    batches fetched ahead by its own workers (`workers` shared out over the buckets, at least one each when > 0)."""
+
+    def __init__(self, sampler: BucketSampler, batch_size: int, share: slice, fetch, workers: int = 2,
+                 prefetch: int = 2, device: torch.device | None = None):
+        self.sampler = sampler
+        each = -(-workers // len(sampler.samplers)) if workers else 0
+        self.loaders = {k: BatchLoader(s, batch_size, share, _SubsetFetch(fetch, sampler.members[k]), workers=each,
+                                       prefetch=prefetch, device=device) for k, s in sampler.samplers.items()}
+
+    def next_batch(self) -> tuple[int, list]:
+        k = self.sampler.bucket(self.sampler.batches)
+        items = self.loaders[k].next_batch()
+        self.sampler.batches += 1
+        return k, items
+
+    def close(self) -> None:
+        for loader in self.loaders.values():
+            loader.close()
 
 
 def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
@@ -475,4 +667,5 @@ def tensor_to_pil(images: torch.Tensor) -> list[Image.Image]:
 
 
 __all__ = ["procedural_scene", "ProceduralDataset", "ImageCaptionDataset", "ResumableSampler", "SamplerState",
-           "BatchLoader", "ImageTensors", "pil_to_tensor", "tensor_to_pil"]
+           "BatchLoader", "ImageTensors", "BucketSampler", "BucketLoader", "auto_buckets", "parse_buckets",
+           "nearest_bucket", "assign_buckets", "pil_to_tensor", "tensor_to_pil"]
