@@ -3,7 +3,8 @@
 1. pytest of the kernels, the CUDA-graph decoder and the models' kernel paths on the GPU (TESTS below)
 2. bench/attention.py, bench/logprob.py, bench/generate.py, bench/grpo_decoder_step.py (SD3.5-medium with the SDPA
    and Triton attention backends), bench/grpo_encoder_step.py (stage 2 sequential vs batched, Qwen2.5-VL-3B and
-   SD3.5-medium, CUDA-graph decode), bench/grpo_decoder_step.py SD3.5-large (SDPA; both backends without --quick)
+   SD3.5-medium, CUDA-graph decode), bench/grpo_decoder_step.py SD3.5-large (SDPA; both backends without --quick),
+   bench/data_path.py (decoder SFT: data loading alone vs the SD3.5-medium 512 px batch-8 step alone)
 Each runs as its own process (a crash or out-of-memory loses one step, not the run) under a timeout cut to what is
 left of --budget-s. Writes bench/results/<date>-<card>.json (everything, with each step's exit code and time) and
 bench/RESULTS.md (card, date, versions, the exact command, the targets with the ratio reached and by how much each
@@ -59,6 +60,8 @@ def steps(args) -> list[tuple[str, list[str], float]]:
     if not args.smoke:  # (--smoke runs the tiny DiT whatever the preset)
         out.append(("grpo_decoder_step sd3.5-large", py("grpo_decoder_step.py") + [
             "--presets", "sd3.5-large", "--attention", "sdpa" if args.quick else both], 200))
+    # Decoder SFT: the data path (JPEG decode + resize in 0 / 2 / 8 loader workers) against the model step.
+    out.append(("data_path", py("data_path.py") + ([] if args.smoke else ["--workers", "0,2,8"]), 240))
 
     if args.only:
         keep = args.only.split(",")

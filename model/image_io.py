@@ -17,12 +17,13 @@ conversion. Pillow decodes 16-bit RGB(A) and grey+alpha PNGs to 8-bit modes itse
 """
 from __future__ import annotations
 
+import io
 import os
 
 import numpy as np
 from PIL import Image, ImageOps
 
-__all__ = ["IMAGE_SUFFIXES", "open_image", "to_rgb", "load_rgb"]
+__all__ = ["IMAGE_SUFFIXES", "open_image", "decode_image", "to_rgb", "load_rgb"]
 
 # The file suffixes the dataset readers and eval tools take as images (lower case; compare with `suffix.lower()`).
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
@@ -39,12 +40,21 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     path = os.fspath(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"no such file {path!r}")
+    return _decode(path, path)
+
+
+def decode_image(data: bytes, name: str) -> Image.Image:
+    """`open_image` of an encoded image held in memory (e.g. a tar member); errors name `name`."""
+    return _decode(io.BytesIO(data), name)
+
+
+def _decode(source, name: str) -> Image.Image:
     try:
-        with Image.open(path) as im:
+        with Image.open(source) as im:
             im.load()
             return ImageOps.exif_transpose(im)
     except _DECODE_ERRORS as e:
-        raise ValueError(f"cannot read image {path!r} ({type(e).__name__}: {e})") from None
+        raise ValueError(f"cannot read image {name!r} ({type(e).__name__}: {e})") from None
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

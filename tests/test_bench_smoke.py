@@ -16,7 +16,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import common  # noqa: E402
 import run_all  # noqa: E402
 
-SCRIPTS = ["attention", "logprob", "generate", "grpo_decoder_step", "grpo_encoder_step"]
+SCRIPTS = ["attention", "logprob", "generate", "grpo_decoder_step", "grpo_encoder_step", "data_path"]
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +41,7 @@ def test_run_all_smoke_runs_every_benchmark(smoke):
     summary, _ = smoke
     steps = {s["name"]: s for s in summary["steps"]}
     assert list(steps) == ["attention", "logprob", "generate", "grpo_decoder_step sd3.5-medium",
-                           "grpo_encoder_step"]
+                           "grpo_encoder_step", "data_path"]
     for s in steps.values():
         assert s["rc"] == 0 and s["result"]["smoke"] and s["result"]["rows"], s["name"]
         assert s["result"]["env"]["torch"] and s["result"]["command"].startswith("python bench/")
@@ -75,6 +75,12 @@ def test_run_all_smoke_runs_every_benchmark(smoke):
     speedup = next(t for t in steps["grpo_encoder_step"]["result"]["targets"] if t["target"].startswith("stage-2"))
     assert speedup["value"] == pytest.approx(sequential["step_s"] / batched["step_s"], rel=1e-3)
 
+    data, step = steps["data_path"]["result"]["rows"][:-1], steps["data_path"]["result"]["rows"][-1]
+    assert [r["workers"] for r in data] == [0, 2] and all(r["samples_per_s"] > 0 for r in data)
+    assert step["path"] == "step" and step["step_s"] == pytest.approx(step["vae_s"] + step["dit_s"], abs=2e-3)
+    (ratio,) = steps["data_path"]["result"]["targets"]
+    assert ratio["value"] == pytest.approx(data[1]["samples_per_s"] / step["samples_per_s"], rel=1e-2)
+
     names = [t["target"] for t in summary["targets"]]
     assert sum(n.startswith("attention ") for n in names) == 6 and sum(n.startswith("varlen ") for n in names) == 2
     assert sum(n.startswith("logprob ") for n in names) == 2 and any(n.startswith("generate B1") for n in names)
@@ -93,12 +99,12 @@ def test_full_run_plan_and_time_budget(tmp_path):
                                                              only=""), **kw})
     plan = run_all.steps(args())
     assert [n for n, _, _ in plan] == ["tests", "attention", "logprob", "generate", "grpo_decoder_step sd3.5-medium",
-                                       "grpo_encoder_step", "grpo_decoder_step sd3.5-large"]
-    assert plan[-2][1][-1] == "--cuda-graph"
+                                       "grpo_encoder_step", "grpo_decoder_step sd3.5-large", "data_path"]
+    assert plan[-3][1][-1] == "--cuda-graph" and plan[-1][1][-2:] == ["--workers", "0,2,8"]
     assert all(t in plan[0][1] for t in run_all.TESTS)
-    assert plan[-1][1][-3:] == ["sd3.5-large", "--attention", "sdpa,triton"]
+    assert plan[-2][1][-3:] == ["sd3.5-large", "--attention", "sdpa,triton"]
     quick = run_all.steps(args(quick=True))
-    assert all("--quick" in argv for n, argv, _ in quick if n != "tests") and quick[-1][1][-1] == "sdpa"
+    assert all("--quick" in argv for n, argv, _ in quick if n != "tests") and quick[-2][1][-1] == "sdpa"
     assert [n for n, _, _ in run_all.steps(args(only="logprob,grpo"))] == [
         "logprob", "grpo_decoder_step sd3.5-medium", "grpo_encoder_step", "grpo_decoder_step sd3.5-large"]
 

@@ -1,6 +1,7 @@
 """train/sft_decoder.py (stage 0, rectified-flow SFT of the decoder): shortened tiny runs, in-process, and 2-process
 torchrun runs (adapters with gradient all-reduce; full parameters sharded with FSDP2) against one process.
 """
+import json
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,9 @@ def test_sigma_sampling_and_weights():
 
 def test_metrics_adapters_off_and_loss_falls(tmp_path):
     out = tmp_path / "run"
-    # One repeated pair: the loss on it must fall when the decoder fits it.
-    sd.main(FAST + ["--steps", "12", "--lr", "1e-2", "--batch-size", "1", "--out", str(out)])
+    # One repeated pair: the loss on it must fall when the decoder fits it. The posterior mean, for one fixed
+    # target: the tiny random VAE's posterior std is about 1, so its samples would be a new target every step.
+    sd.main(FAST + ["--steps", "12", "--lr", "1e-2", "--batch-size", "1", "--no-latent-sample", "--out", str(out)])
     r = rows(out)
     assert {"loss", "sigma_mean", "grad_norm", "s_per_step"} <= set(r[0])
     first, last = sum(x["loss"] for x in r[:4]) / 4, sum(x["loss"] for x in r[-4:]) / 4
@@ -113,3 +115,90 @@ def test_fsdp_two_processes_equal_one_and_resume(tmp_path):
         for k in one:
             torch.testing.assert_close(two[k], one[k], rtol=1e-5, atol=1e-5)
     assert rows(tmp_path / "two")[-1]["loss"] == pytest.approx(rows(tmp_path / "one")[-1]["loss"], rel=1e-5)
+
+
+def image_folder(root, n=6, bad=(2,), shapes=((48, 40),)) -> Path:
+    """n small images with captions, of (width, height) `shapes` in turn, the ones in `bad` undecodable."""
+    from PIL import Image
+
+    root.mkdir()
+    g = torch.Generator().manual_seed(0)
+    for i in range(n):
+        w, h = shapes[i % len(shapes)]
+        pixels = torch.randint(0, 256, (h + 4 * i, w, 3), generator=g, dtype=torch.uint8)
+        Image.fromarray(pixels.numpy()).save(root / f"im{i}.png")
+        (root / f"im{i}.txt").write_text(f"a picture number {i}")
+    for i in bad:
+        (root / f"im{i}.png").write_bytes(b"broken")
+    return root
+
+
+def test_workers_and_latent_cache_change_nothing_and_resume(tmp_path, capsys, monkeypatch):
+    from train import latent_cache
+
+    monkeypatch.setattr(latent_cache, "SHARD_ITEMS", 2)  # several shards
+    data = image_folder(tmp_path / "data")
+    args = FAST + ["--data", str(data), "--save-every", "1"]
+    sd.main(args + ["--steps", "4", "--workers", "0", "--out", str(tmp_path / "plain")])
+    cache = tmp_path / "cache"
+    sd.main(args + ["--steps", "2", "--workers", "2", "--cache-latents", str(cache), "--out", str(tmp_path / "c")])
+    index = json.loads((cache / "index.json").read_text())
+    assert list(index["skipped"]) == ["2"] and "im2.png" in index["skipped"]["2"]
+    assert [len(s["items"]) for s in index["shards"]] == [2, 2, 1]
+    assert index["identity"]["size"] == 64 and index["identity"]["dtype"] == "float32"
+    assert "encoding 6 images" in capsys.readouterr().out
+    sd.main(args + ["--steps", "4", "--workers", "2", "--cache-latents", str(cache), "--out", str(tmp_path / "c"),
+                    "--resume"])
+    assert "encoding" not in capsys.readouterr().out  # the second run reads the cache it finds
+    plain, cached = rows(tmp_path / "plain"), rows(tmp_path / "c")
+    assert [r["step"] for r in cached] == [1, 2, 3, 4]
+    for x, y in zip(plain, cached):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y["grad_norm"] == pytest.approx(x["grad_norm"],
+                                                                                                   rel=1e-4)
+    assert state(tmp_path / "plain")["sampler"] == state(tmp_path / "c")["sampler"]
+
+    with pytest.raises(ValueError, match="another size"):
+        sd.main(args + ["--steps", "1", "--size", "32", "--cache-latents", str(cache), "--out", str(tmp_path / "s")])
+    with pytest.raises(ValueError, match="another vae_sha256"):  # the tiny preset's VAE of another seed
+        sd.main(args + ["--steps", "1", "--seed", "1", "--cache-latents", str(cache), "--out", str(tmp_path / "v")])
+    with pytest.raises(ValueError, match="--workers"):
+        sd.main(["--workers", "-1"])
+
+
+@pytest.mark.parametrize("buckets", ["", "auto"])
+def test_two_processes_with_workers_and_a_cache_built_by_both(tmp_path, buckets):
+    data = image_folder(tmp_path / "data", n=9, bad=(1, 5), shapes=((48, 40), (90, 40), (40, 90)))
+    args = FAST + ["--data", str(data), "--steps", "3", "--save-every", "3", "--buckets", buckets]
+    sd.main(args + ["--workers", "0", "--out", str(tmp_path / "one")])
+    torchrun(args + ["--workers", "2", "--cache-latents", str(tmp_path / "cache")], tmp_path / "two")
+    shards = json.loads((tmp_path / "cache" / "index.json").read_text())["shards"]
+    assert {s["file"].split("-")[1] for s in shards} == {"r00000", "r00001"}  # each rank encoded its share
+    for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two")):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5) and y.get("bucket") == x.get("bucket")
+    if buckets:
+        assert len({r["bucket"] for r in rows(tmp_path / "one")}) > 1
+    a, b = adapter(trained(tmp_path / "one", "dit")), adapter(trained(tmp_path / "two", "dit"))
+    for k in a:
+        torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
+
+
+def test_buckets_resume_and_cache(tmp_path):
+    data = image_folder(tmp_path / "data", n=8, bad=(3,), shapes=((48, 40), (90, 40), (40, 90)))
+    args = FAST + ["--data", str(data), "--save-every", "1", "--buckets", "auto"]
+    sd.main(args + ["--steps", "5", "--workers", "0", "--out", str(tmp_path / "full")])
+    cache = tmp_path / "cache"
+    sd.main(args + ["--steps", "2", "--cache-latents", str(cache), "--out", str(tmp_path / "part")])
+    index = json.loads((cache / "index.json").read_text())
+    assert index["identity"]["buckets"] == [[64, 64], [48, 80], [80, 48]]
+    assert index["bucket_of"][:3] == [0, 2, 1] and index["bucket_of"][3] == -1  # (an unreadable header)
+    sd.main(args + ["--steps", "5", "--cache-latents", str(cache), "--out", str(tmp_path / "part"), "--resume"])
+    full, part = rows(tmp_path / "full"), rows(tmp_path / "part")
+    assert [r["bucket"] for r in part] == [r["bucket"] for r in full] and len({r["bucket"] for r in full}) > 1
+    for x, y in zip(full, part):
+        assert y["loss"] == pytest.approx(x["loss"], rel=1e-5)
+    with pytest.raises(ValueError, match="--buckets"):
+        sd.main(args[:-2] + ["--steps", "6", "--out", str(tmp_path / "part"), "--resume"])
+    with pytest.raises(ValueError, match="another buckets"):
+        sd.main(args[:-1] + ["64x64", "--steps", "1", "--cache-latents", str(cache), "--out", str(tmp_path / "o")])
+    with pytest.raises(ValueError, match="multiples of 16"):
+        sd.main(["--buckets", "50x64"])

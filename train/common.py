@@ -105,8 +105,8 @@ class RunOptions:
     dit_lora: str = option("", "plain parts: a DiT LoRA (PEFT folder), kept frozen")
     init: str = option("", "start from a previous stage's result: its run folder (latest checkpoint) or a checkpoint "
                            "folder; its adapters stack frozen under this stage's, its connector replaces the base's")
-    data: str = option("", "folder or JSONL of images (with captions where the stage needs them); "
-                           "empty = procedurally generated scenes")
+    data: str = option("", "JSONL, folder of images, or folder of *.jsonl manifests or *.tar shards (with captions "
+                           "where the stage needs them); empty = procedurally generated scenes")
     procedural_images: int = option(1000, "how many procedural scenes when --data is empty")
     out: str = option("runs/train", "run folder: metrics.jsonl, checkpoints, adapters")
     resume: bool = option(False, "continue from the latest checkpoint in --out")
@@ -603,7 +603,10 @@ def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, o, is_m
 
     (load_optimizer or opt.load_state_dict)(state["optimizer"])
     apply_optimizer_options(opt, o, is_main)
-    sampler.state = SamplerState(**state["sampler"])
+    if hasattr(sampler, "load_state_dict"):  # a sampler with more state than (epoch, position): BucketSampler
+        sampler.load_state_dict(state["sampler"])
+    else:
+        sampler.state = SamplerState(**state["sampler"])
     set_rng_state(state["rng"])
     return state["step"]
 

@@ -23,6 +23,11 @@ Launch:
         --dtype bf16 --size 1024 --batch-size 16 --lora-rank 0 --fsdp --grad-checkpointing --steps 1000 \
         --out runs/sft_decoder
     # resume: the same command with --resume
+
+Data: --data also takes folders of tar shards or JSONL manifests; --workers N processes per rank decode ahead of the
+step; --cache-latents DIR encodes the images once and trains from the VAE posteriors it stores; --buckets auto trains
+at several aspect ratios, one bucket per global batch (README, "Training data"). x0 is a posterior sample (mean +
+std * eps, eps from the step's generator), as SD3's training samples latent_dist; --no-latent-sample takes the mean.
 """
 from __future__ import annotations
 
@@ -39,11 +44,13 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import DIT_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
-                          build_uae, encode_text, finish_run, finite, init_distributed, open_run_folder, option,
-                          parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
-                          save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
-from train.data import ResumableSampler, pil_to_tensor
+from train import latent_cache
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, average_gradients,
+                          build_dataset, build_uae, encode_text, finish_run, finite, init_distributed, open_run_folder,
+                          option, parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state,
+                          run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
+from train.data import (BatchLoader, BucketLoader, BucketSampler, ImageTensors, ResumableSampler, assign_buckets,
+                        parse_buckets)
 
 
 @dataclass
@@ -59,6 +66,17 @@ class Options(RunOptions):
     fsdp: bool = option(False, "shard the DiT and connector with FSDP2 (full-parameter training only)")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     save_every: int = option(20, "checkpoint every N steps (and at the end)")
+    workers: int = option(2, "data loader processes per rank that decode and resize ahead of the step (0: in the "
+                             "training process); the batches do not depend on it")
+    cache_latents: str = option("", "folder of a VAE latent cache: built by one pass over --data split across the "
+                                    "ranks when it has no index.json, then read instead of encoding every step; a "
+                                    "cache made by another VAE, --size, --dtype or dataset is refused")
+    buckets: str = option("", "aspect-ratio buckets: empty = square --size; 'auto' = SD3-style shapes of about "
+                              "--size^2 pixels (sides multiples of 64); or WxH,WxH,... Each image goes to the bucket "
+                              "nearest its aspect ratio, decided once (kept in the --cache-latents index); a global "
+                              "batch holds one bucket")
+    latent_sample: bool = option(True, "train on a sample of the VAE posterior (SD3's training; mean + std * eps "
+                                       "from the step's generator); --no-latent-sample: its mean")
 
     full_parameter_training = True  # --lora-rank 0
 
@@ -71,6 +89,13 @@ class Options(RunOptions):
         require(finite(self.logit_std) and self.logit_std > 0, f"--logit-std must be > 0, got {self.logit_std}")
         require(not (self.fsdp and self.lora_rank > 0),
                 "--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
+        require(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        try:
+            parse_buckets(self.buckets, self.size)
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+        require(not self.cache_latents or not os.path.isfile(self.cache_latents),
+                f"--cache-latents {self.cache_latents} is a file; it takes a folder")
 
 
 RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alpha", "train_connector", "fsdp",
@@ -134,7 +159,25 @@ def main(argv: list[str] | None = None) -> dict:
     opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
     dataset = build_dataset(o, need_caption=True)
-    sampler = ResumableSampler(dataset, seed=o.seed)
+    buckets = parse_buckets(o.buckets, o.size)
+    if state is not None and state["options"].get("buckets", "") != o.buckets:
+        raise UsageError(f"cannot resume from {folder}: it was written with --buckets "
+                         f"{state['options'].get('buckets', '')!r}, this run has {o.buckets!r}")
+    bucket_of = None
+    if o.cache_latents:
+        cache = latent_cache.open_or_build(o.cache_latents, uae.vae, dataset, o.size, dtype, d.rank, d.world,
+                                           d.device, max(1, o.batch_size // d.world), o.workers, buckets)
+        fetch, bucket_of = latent_cache.CachedLatents(cache, dataset), cache.bucket_of
+    elif buckets:
+        bucket_of = assign_buckets(dataset, buckets, d.rank, d.world, o.workers)
+    if not o.cache_latents:
+        fetch = ImageTensors(dataset, o.size, bucket_of, buckets)
+    if buckets:
+        sampler = BucketSampler(dataset, bucket_of, len(buckets), seed=o.seed)
+        loader = BucketLoader(sampler, o.batch_size, mine, fetch, workers=o.workers, device=d.device)
+    else:
+        sampler = ResumableSampler(dataset, seed=o.seed)
+        loader = BatchLoader(sampler, o.batch_size, mine, fetch, workers=o.workers, device=d.device)
     if state is not None and o.lora_rank > 0:  # trained DiT weights and connector came back with model/ (build_uae)
         load_lora(uae.dit, trained_adapter(folder, "dit"))
 
@@ -149,15 +192,28 @@ def main(argv: list[str] | None = None) -> dict:
 
     for step in range(start + 1, o.steps + 1):
         gen = step_generator(o.seed, step)
-        pairs = sampler.next_batch(o.batch_size)
-        latent_shape = uae.latent_shape(o.batch_size, o.size, o.size)
+        width = height = o.size
+        if buckets:
+            bucket, pairs = loader.next_batch()  # this rank's share, one bucket for the global batch
+            width, height = buckets[bucket]
+        else:
+            pairs = loader.next_batch()
+        latent_shape = uae.latent_shape(o.batch_size, height, width)
         noise = torch.randn(latent_shape, generator=gen)[mine].to(d.device)
         sigmas = sample_sigmas(o.batch_size, o, uae.settings.shift, gen)[mine].to(d.device)
-        images = [im for im, _ in pairs[mine]]
-        captions = [c for _, c in pairs[mine]]
+        eps = torch.randn(latent_shape, generator=gen)[mine].to(d.device)  # the posterior sample's
+        captions = [c for _, c in pairs]
 
         with torch.no_grad():
-            x0 = uae.vae.to_model_latents(uae.vae.encode(pil_to_tensor(images, o.size).to(d.device, dtype))).float()
+            if o.cache_latents:
+                mean = torch.stack([m for (m, _), _ in pairs]).to(d.device)
+                std = torch.stack([s for (_, s), _ in pairs]).to(d.device)
+            else:
+                images = ImageTensors.to_unit_range(torch.stack([im for im, _ in pairs])).to(d.device, dtype)
+                mean, logvar = uae.vae.encode_dist(images)
+                std = torch.exp(0.5 * logvar.float()).to(mean.dtype)
+            z = (mean.float() + std.float() * eps) if o.latent_sample else mean.float()
+            x0 = uae.vae.to_model_latents(z)
         s = sigmas.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
@@ -177,10 +233,11 @@ def main(argv: list[str] | None = None) -> dict:
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {**step_stats, "grad_norm": float(grad_norm)}
+        metrics = {**step_stats, "grad_norm": float(grad_norm), **({"bucket": f"{width}x{height}"} if buckets else {})}
         log.log(step, metrics)
         if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "sampler": asdict(sampler.state), "rng": rng_state()}
+            state = {"options": asdict(o), "rng": rng_state(),
+                     "sampler": sampler.state_dict() if buckets else asdict(sampler.state)}
             trains = ("dit_adapter" if o.lora_rank > 0 else "dit_weights",) + (
                 ("connector",) if o.train_connector else ())
             full = {}
@@ -195,6 +252,7 @@ def main(argv: list[str] | None = None) -> dict:
             if d.is_main:
                 save_run_checkpoint(o, step, state, uae, stage="sft_decoder", trains=trains, inherited=inherited,
                                     **full)
+    loader.close()
     finish_run(o, log)
     return metrics
 
