@@ -243,9 +243,6 @@ def condition_padded_over_ranks(uae, prompts: list[str],
     return uae.condition(prompts, guidance_scale, pad_to=condition_length(uae, prompts, guidance_scale))
 
 
-encode_text = encode_text_padded_over_ranks  # the old name, until train/sft_decoder.py imports the new one
-
-
 def reduce_stats(rows: list[dict[str, torch.Tensor | float]]) -> dict[str, float]:
     """Combine per-step statistics (one dict per micro-step, same keys) over the rows and over ranks: keys ending in
     `_min` take the minimum, `_max` the maximum, everything else the mean (each rank holds an equal share). Every rank

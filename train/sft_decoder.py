@@ -46,9 +46,9 @@ from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import DIT_LORA_TARGETS
 from train import latent_cache
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, average_gradients,
-                          build_dataset, build_uae, encode_text, finish_run, finite, init_distributed, open_run_folder,
-                          option, parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state,
-                          run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
+                          build_dataset, build_uae, encode_text_padded_over_ranks, finish_run, finite, init_distributed,
+                          open_run_folder, option, parse_dtype, parse_options, reduce_stats, require, resume_loop,
+                          rng_state, run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
 from train.data import (BatchLoader, BucketLoader, BucketSampler, ImageTensors, ResumableSampler, assign_buckets,
                         parse_buckets)
 
@@ -217,7 +217,7 @@ def main(argv: list[str] | None = None) -> dict:
         s = sigmas.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
         target = noise - x0
-        context = encode_text(uae, captions)  # padded like the global batch
+        context = encode_text_padded_over_ranks(uae, captions)
         opt.zero_grad(set_to_none=True)
         pred = uae.velocity_fn(context)(x_t, sigmas * 1000)
         per_sample = ((pred - target) ** 2).flatten(1).mean(1)
