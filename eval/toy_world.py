@@ -42,7 +42,7 @@ from PIL import Image, ImageDraw
 
 from eval.cli import HelpFormatter, write_json, write_text
 
-WORLD_VERSION = 1  # bump when train/world.py or train/world_models.py change what a prepared world holds
+WORLD_VERSION = 2  # bump when train/world.py or train/world_models.py change what a prepared world holds
 SIZE = 64  # image size of the world, in pixels
 
 
@@ -58,6 +58,13 @@ class Plan:
     captioner_steps: int = 400
     captioner_batch: int = 32
     captioner_lr: float = 2e-3
+    # Caption levels of the captioner's SFT pairs, drawn uniformly from this list: mostly terse (background, count),
+    # sometimes more, so that the start policy often says little and RL can find that detail pays.
+    captioner_levels: tuple[int, ...] = (0, 0, 1, 1, 2, 3, 4)
+    # The captioner SFT's text objective (train/sft_captioner.py --text-data) on echo texts of the train captions:
+    # without it the LM's last states lose what a caption says and the decoder SFT cannot learn to follow captions.
+    captioner_text_batch: int = 16
+    captioner_text_weight: float = 1.0
     decoder_steps: int = 600
     decoder_batch: int = 32
     decoder_lr: float = 1e-3
@@ -81,12 +88,15 @@ class Plan:
     def world_settings(self) -> dict:
         """What the prepared world depends on: a world prepared with other values is not this one."""
         keys = ("world_seed", "n_train", "n_heldout", "captioner_steps", "captioner_batch", "captioner_lr",
-                "decoder_steps", "decoder_batch", "decoder_lr", "quick_world")
-        return {"version": WORLD_VERSION, "size": SIZE, **{k: getattr(self, k) for k in keys}}
+                "captioner_levels", "captioner_text_batch", "captioner_text_weight", "decoder_steps", "decoder_batch",
+                "decoder_lr", "quick_world")
+        values = {k: getattr(self, k) for k in keys}
+        # As world.json stores them (tuples come back as lists), so a reused world compares equal.
+        return {"version": WORLD_VERSION, "size": SIZE, **json.loads(json.dumps(values))}
 
 
-QUICK = Plan(seeds=(0,), n_train=32, n_heldout=4, captioner_steps=2, captioner_batch=4, decoder_steps=2,
-             decoder_batch=4, caption_tokens=12, sample_steps=2, cold_start_steps=1, encoder_steps=2, encoder_group=2,
+QUICK = Plan(seeds=(0,), n_train=32, n_heldout=4, captioner_steps=2, captioner_batch=4, captioner_text_batch=2,
+             decoder_steps=2, decoder_batch=4, caption_tokens=12, sample_steps=2, cold_start_steps=1, encoder_steps=2, encoder_group=2,
              encoder_images=1, decoder_rl_steps=2, decoder_rl_group=2, decoder_rl_images=1, lora_rank=4,
              controls=False, quick_world=True)
 
@@ -156,9 +166,9 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     w, times = World(folder), {}
     t = time.perf_counter()
     train = world.scenes("train", plan.n_train, plan.world_seed)
-    world.write_split(folder / "data" / "train_mix", train, SIZE, levels=list(range(world.LEVELS)),
-                      seed=plan.world_seed)
+    world.write_split(folder / "data" / "train_mix", train, SIZE, levels=plan.captioner_levels, seed=plan.world_seed)
     world.write_split(folder / "data" / "train_full", train, SIZE, levels=world.LEVELS - 1, seed=plan.world_seed)
+    world.write_echo_texts(folder / "data" / "text_echo.jsonl", train)
     world.write_split(folder / "data" / "heldout", world.scenes("heldout", plan.n_heldout, plan.world_seed), SIZE,
                       levels=world.LEVELS - 1, seed=plan.world_seed)
     times["data_s"] = time.perf_counter() - t
@@ -168,6 +178,8 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     print("toy world: training the captioner (train/sft_captioner.py) ...", flush=True)
     sft_captioner.main(w.base_args() + [
         "--data", str(w.data("train_mix")), "--lora-rank", "0", "--batch-size", str(plan.captioner_batch),
+        "--text-data", str(folder / "data" / "text_echo.jsonl"), "--text-batch-size", str(plan.captioner_text_batch),
+        "--text-weight", str(plan.captioner_text_weight),
         "--lr", str(plan.captioner_lr), "--steps", str(plan.captioner_steps), "--save-every",
         str(plan.captioner_steps), "--seed", str(plan.world_seed), "--out", str(folder / "runs" / "sft_captioner")])
     times["captioner_s"] = time.perf_counter() - t

@@ -101,6 +101,40 @@ def test_loss_and_accuracy_equal_a_direct_computation(tmp_path):
     assert row["token_acc"] == pytest.approx(hits / sum(n), rel=1e-5)
 
 
+def write_texts(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+TEXTS = ["a red circle at the top left", "two small blue squares", "one large green triangle on a white background",
+         "an orange circle"]
+
+
+def test_text_objective_equals_a_direct_computation(tmp_path):
+    # Step 1 with --text-data: the caption loss is the run's without it, the text loss the token mean of the LM's
+    # log_softmax over each generate-turn chat written out in full (every token after the first), and the loss their
+    # weighted sum. The two texts differ in length: the text batch was padded.
+    texts = write_texts(tmp_path / "texts.jsonl", TEXTS[:2])
+    sc.main(FAST + ["--steps", "1", "--out", str(tmp_path / "plain")])
+    sc.main(FAST + ["--steps", "1", "--text-data", str(texts), "--text-batch-size", "2", "--text-weight", "0.5",
+                    "--out", str(tmp_path / "text")])
+    uae = UAE.tiny(0)
+    nll, n = 0.0, []
+    for text in TEXTS[:2]:  # the text sampler's first epoch holds both: their order does not change the mean
+        chat = uae.processor.apply_chat_template([{"role": "generate", "content": [{"type": "text", "text": text}]}],
+                                                 add_generation_prompt=True)
+        ids = torch.tensor([uae.processor.encode(chat)])
+        with torch.no_grad():
+            z = uae.lvlm(input_ids=ids, attention_mask=torch.ones_like(ids))[0, :-1].float()
+        nll -= z.log_softmax(-1).gather(1, ids[0, 1:, None]).sum().item()
+        n.append(ids.shape[1] - 1)
+    assert n[0] != n[1]
+    plain, row = rows(tmp_path / "plain")[0], rows(tmp_path / "text")[0]
+    assert row["caption_loss"] == pytest.approx(plain["loss"], rel=1e-6)
+    assert row["text_loss"] == pytest.approx(nll / sum(n), rel=1e-5)
+    assert row["loss"] == pytest.approx(row["caption_loss"] + 0.5 * row["text_loss"], rel=1e-6)
+
+
 def test_lora_trains_only_the_adapter(tmp_path):
     out = tmp_path / "run"
     sc.main(FAST + ["--lora-rank", "4", "--lora-alpha", "8", "--steps", "2", "--out", str(out)])
@@ -132,8 +166,11 @@ def test_full_parameter_weights_reach_the_next_stage_and_eval(tmp_path):
 
 @pytest.mark.parametrize("lora_rank", ["4", "0"])
 def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
+    # With the text objective: its sampler (3 texts, 2 a step: a new epoch at step 2) resumes too.
     full, part = tmp_path / "full", tmp_path / "part"
-    common = FAST + ["--procedural-images", "4", "--lora-rank", lora_rank, "--lora-alpha", "8", "--save-every", "1"]
+    texts = write_texts(tmp_path / "texts.jsonl", TEXTS[:3])
+    common = FAST + ["--procedural-images", "4", "--lora-rank", lora_rank, "--lora-alpha", "8", "--save-every", "1",
+                     "--text-data", str(texts), "--text-batch-size", "2"]
     sc.main(common + ["--steps", "3", "--out", str(full)])
     sc.main(common + ["--steps", "1", "--out", str(part)])
     sc.main(common + ["--steps", "3", "--out", str(part), "--resume"])
@@ -147,9 +184,11 @@ def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
 
 
 def test_two_processes_equal_one(tmp_path):
-    # Full-parameter, one pair per rank: the ranks hold captions of different lengths, so a per-rank token mean
-    # would differ from the global one.
-    args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3"]
+    # Full-parameter, one pair and one text per rank: the ranks hold captions (and texts) of different lengths, so a
+    # per-rank token mean would differ from the global one.
+    texts = write_texts(tmp_path / "texts.jsonl", TEXTS[:2])
+    args = FAST + ["--steps", "2", "--save-every", "2", "--lr", "1e-3", "--text-data", str(texts),
+                   "--text-batch-size", "2"]
     sc.main(args + ["--out", str(tmp_path / "one")])
     torchrun_two("sft_captioner.py", args, tmp_path / "two")
     a, b = model_file(tmp_path / "one", "lvlm.safetensors"), model_file(tmp_path / "two", "lvlm.safetensors")
@@ -157,7 +196,7 @@ def test_two_processes_equal_one(tmp_path):
     for k in a:
         torch.testing.assert_close(b[k], a[k], rtol=1e-5, atol=1e-5)
     for x, y in zip(rows(tmp_path / "one"), rows(tmp_path / "two"), strict=True):
-        for k in ("loss", "token_acc", "caption_tokens", "grad_norm"):
+        for k in ("loss", "caption_loss", "text_loss", "token_acc", "caption_tokens", "grad_norm"):
             assert y[k] == pytest.approx(x[k], rel=1e-5), k
 
 
@@ -171,7 +210,10 @@ def test_help_and_bad_options(tmp_path, capsys):
     for args, message in ((["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
                           (["--prompt", " "], "--prompt is empty"),
                           (["--logprob", "chunked"], "--logprob must be fused or naive"),
-                          (["--lora-rank", "-1"], "--lora-rank must be >= 0")):
+                          (["--lora-rank", "-1"], "--lora-rank must be >= 0"),
+                          (["--text-data", str(tmp_path / "none.jsonl")], "--text-data .*none.jsonl: no such file"),
+                          (["--text-batch-size", "0"], "--text-batch-size must be >= 1, got 0"),
+                          (["--text-weight", "-1"], "--text-weight must be >= 0, got -1")):
         with pytest.raises(UsageError, match=message):
             sc.main(args + ["--out", str(tmp_path / "x")])
     proc = subprocess.run([sys.executable, str(ROOT / "train" / "sft_captioner.py"), "--batch-size", "0",
@@ -179,6 +221,13 @@ def test_help_and_bad_options(tmp_path, capsys):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == ["sft_captioner.py: error: --batch-size must be >= 1, got 0"]
     assert not (tmp_path / "x").exists()  # nothing started
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a red circle"}\n{"caption": "a blue square"}\n')
+    with pytest.raises(ValueError, match=r"bad.jsonl:2: expected a JSON object with a 'text' field"):
+        sc.main(FAST + ["--text-data", str(bad), "--out", str(tmp_path / "y")])
+    bad.write_text("\n")
+    with pytest.raises(ValueError, match=r"--text-data .*bad.jsonl holds no texts"):
+        sc.main(FAST + ["--text-data", str(bad), "--out", str(tmp_path / "z")])
 
 
 def test_caption_targets_end_the_turn_and_refuse_special_tokens():

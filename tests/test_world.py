@@ -9,8 +9,8 @@ from PIL import Image
 
 from train.data import ImageCaptionDataset
 from train.world import (BACKGROUNDS, COLOURS, LEVELS, POSITIONS, SHAPES, SIZES, ParsedObject, Scene, WorldObject,
-                         _best_matching, attribute_accuracy, corpus, describe, is_heldout, parse, read_scenes, render,
-                         sample_scene, scenes, score_caption, write_split)
+                         _best_matching, attribute_accuracy, corpus, describe, echo_text, is_heldout, parse, read_scenes,
+                         render, sample_scene, scenes, score_caption, write_echo_texts, write_split)
 
 TWO = Scene("gray", (WorldObject("square", "orange", "small", "center"),
                      WorldObject("circle", "red", "large", "top left")))
@@ -223,3 +223,12 @@ def test_write_split_is_readable_and_seeded(tmp_path):
     for bad in ([], [5], "4,x", "all"):
         with pytest.raises(ValueError, match="levels"):
             write_split(tmp_path / "f", pool, 32, bad, 0)
+
+
+def test_echo_texts_write_every_word_twice(tmp_path):
+    assert echo_text("A red circle, two squares.") == "A A red red circle, circle, two two squares. squares."
+    pool = scenes("train", 5, seed=0)
+    path = write_echo_texts(tmp_path / "texts" / "echo.jsonl", pool)
+    texts = [json.loads(line)["text"] for line in path.read_text().splitlines()]
+    assert texts == [echo_text(describe(s, LEVELS - 1)) for s in pool]
+    assert all(t.split()[0::2] == t.split()[1::2] for t in texts)

@@ -13,6 +13,16 @@ its length, as the usual LM SFT. T comes from the whole global batch, which ever
 cheap), so a rank's share of the loss does not depend on how the batch is split: N processes train as one process
 with the same global batch. Captions are padded to the global batch's longest for the same reason.
 
+--text-data adds text-only chats in the `generate` turn (the chat the decoder reads, UAE.generate_turn_ids) with
+the LM loss, mixed in at --text-weight (its own token mean, over --text-batch-size chats a step):
+
+    L = L_caption + w * L_text,   L_text = -1/T' sum_j sum_t log p(x_j,t | x_j,<t)   (every chat token after the first)
+
+The decoder is conditioned on the LM's last hidden states over a text. A pretrained LVLM's states keep what the text
+said (its text pretraining); an LM trained only to caption images has no reason to, and the toy world's (a 4-layer LM
+trained from scratch) loses the content words there, so a decoder conditioned on it cannot learn to follow captions.
+The text objective is the stand-in for that pretraining (the toy world's corpus: eval/toy_world.py).
+
 --lora-rank N > 0 trains a LoRA adapter on the LM (LLM_LORA_TARGETS, as GRPO on the captioner does) on top of any
 adapters the model carries; --lora-rank 0 trains every LVLM weight (vision tower, merger, LM: what a captioner learning
 from random init needs), first merging the adapters below it (the release's LLM LoRA, an --init run's), and hands the
@@ -35,6 +45,7 @@ Launch:
 """
 from __future__ import annotations
 
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -48,10 +59,10 @@ from eval.model_args import caption_prompt
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import LLM_LORA_TARGETS
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
-                          build_uae, finish_run, init_distributed, open_run_folder, option, parse_dtype, parse_options,
+                          build_uae, finish_run, init_distributed, open_run_folder, finite, option, parse_dtype, parse_options,
                           reduce_stats, require, resume_loop, rng_state, run_script, save_run_checkpoint,
                           split_for_rank, trained_adapter)
-from train.data import ResumableSampler
+from train.data import ResumableSampler, SamplerState
 
 
 @dataclass
@@ -69,6 +80,10 @@ class Options(RunOptions):
                                  "stages use), 'bench' (Unified-Bench's), or the prompt text itself")
     logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     save_every: int = option(20, "checkpoint every N steps (and at the end)")
+    text_data: str = option("", "JSONL of {\"text\": ...} lines: text-only generate-turn chats trained with the LM "
+                                "loss alongside the captions (see above); empty = captions only")
+    text_batch_size: int = option(16, "text chats per step (global), with --text-data")
+    text_weight: float = option(1.0, "weight w of the text loss, with --text-data")
 
     full_parameter_training = True  # --lora-rank 0
 
@@ -77,9 +92,45 @@ class Options(RunOptions):
         require(self.batch_size >= 1, f"--batch-size must be >= 1, got {self.batch_size}")
         require(bool(self.prompt.strip()), "--prompt is empty")
         require(self.logprob in ("fused", "naive"), f"--logprob must be fused or naive, got {self.logprob!r}")
+        require(self.text_batch_size >= 1, f"--text-batch-size must be >= 1, got {self.text_batch_size}")
+        require(finite(self.text_weight) and self.text_weight >= 0,
+                f"--text-weight must be >= 0, got {self.text_weight}")
+        require(not self.text_data or os.path.isfile(self.text_data),
+                f"--text-data {self.text_data}: no such file")
 
 
-RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alpha", "prompt", "seed")
+RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alpha", "prompt", "seed", "text_data",
+                           "text_batch_size")
+
+
+def read_texts(path: str) -> list[str]:
+    """The texts of a --text-data JSONL ({"text": ...} per line); a bad line or an empty file is an error naming it."""
+    texts = []
+    with open(path) as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                text = json.loads(line)["text"]
+            except (json.JSONDecodeError, KeyError, TypeError) as e:
+                raise ValueError(f"{path}:{n}: expected a JSON object with a 'text' field ({e!r})") from None
+            if not isinstance(text, str) or not text.strip():
+                raise ValueError(f"{path}:{n}: 'text' must be a non-empty string")
+            texts.append(text)
+    if not texts:
+        raise ValueError(f"--text-data {path} holds no texts")
+    return texts
+
+
+def text_loss(uae, texts: list[str], mine: slice, n_world: int) -> torch.Tensor:
+    """This rank's share of L_text over the global batch `texts`, times the world size (as the caption loss). Every
+    chat token after the first is a target; pads are not. Every rank tokenises the whole batch: its token count is
+    the mean's denominator."""
+    ids, mask = uae.generate_turn_ids(texts)  # right-padded to the global batch's longest chat
+    targets, valid = ids[:, 1:], mask[:, 1:].bool()
+    hidden = uae.lvlm.forward_hidden(ids[mine], attention_mask=mask[mine], pad_states=False)
+    logp = uae.lvlm.token_logprobs(hidden[:, :-1], targets[mine])
+    return -logp[valid[mine]].sum() * (n_world / int(valid.sum()))
 
 
 def caption_targets(processor, caption: str) -> torch.Tensor:
@@ -123,9 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
 
     dataset = build_dataset(o, need_caption=True)
     sampler = ResumableSampler(dataset, seed=o.seed)
+    texts = read_texts(o.text_data) if o.text_data else None
+    text_sampler = ResumableSampler(texts, seed=o.seed + 1) if texts else None
+    text_mine = split_for_rank(o.text_batch_size, d, "text_batch_size") if texts else None
     if state is not None and o.lora_rank > 0:  # full LVLM weights came back with the checkpoint's model/ (build_uae)
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
     start = resume_loop(state, opt, sampler, o, d.is_main)
+    if state is not None and text_sampler is not None:
+        text_sampler.state = SamplerState(**state["text_sampler"])
     log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
     guard = NonFiniteGuard(o.max_bad_steps)
     pad = uae.processor.pad_token_id
@@ -149,12 +205,17 @@ def main(argv: list[str] | None = None) -> dict:
         # summed gradients by it (and reduce_stats the logged values), leaving the gradient of the global mean.
         share = d.world / n_tokens
         loss = -logp[mask].sum() * share
+        stats = {"loss": loss.detach()}
+        if text_sampler is not None:
+            text = text_loss(uae, text_sampler.next_batch(o.text_batch_size), text_mine, d.world)
+            loss = loss + o.text_weight * text
+            stats = {"loss": loss.detach(), "caption_loss": stats["loss"], "text_loss": text.detach()}
         loss.backward()
         with torch.no_grad():  # the argmax needs the logits: once, without their gradient
             hits = (uae.lvlm.lm_head(hidden.detach()).argmax(-1) == tokens) & mask
         average_gradients(params)
         grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        step_stats = reduce_stats([{"loss": loss.detach(), "token_acc": hits.sum() * share}])  # global means
+        step_stats = reduce_stats([{**stats, "token_acc": hits.sum() * share}])  # global means
         if guard.bad(step, loss=step_stats["loss"], grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
@@ -164,6 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
         if step % o.save_every == 0 or step == o.steps:
             state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
                      "rng": rng_state()}
+            if text_sampler is not None:
+                state["text_sampler"] = asdict(text_sampler.state)
             if d.is_main:
                 trains = ("lvlm_adapter",) if o.lora_rank > 0 else ("lvlm_weights",)
                 save_run_checkpoint(o, step, state, uae, stage="sft_captioner", trains=trains, inherited=inherited)

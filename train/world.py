@@ -347,6 +347,22 @@ def corpus() -> list[str]:
     return out
 
 
+def echo_text(caption: str) -> str:
+    """`caption` with every word written twice ("a a small small red red circle circle ..."): predicting each
+    second copy needs the word just read, so an LM trained on these texts keeps each word in its hidden state at that
+    position, which is where the decoder reads a caption (train/sft_captioner.py --text-data)."""
+    return " ".join(f"{word} {word}" for word in caption.split())
+
+
+def write_echo_texts(path: str | Path, scenes: list[Scene]) -> Path:
+    """path: a JSONL of {"text": echo_text(full-detail caption)} per scene, as train/sft_captioner.py --text-data
+    reads."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    _write_lines(path, [json.dumps({"text": echo_text(describe(scene, LEVELS - 1))}) for scene in scenes])
+    return path
+
+
 def _levels(levels: int | Sequence[int] | str) -> tuple[int, ...]:
     """Caption levels to draw from: an int, a sequence of ints, "mix" (all levels) or a comma list such as "2,4"."""
     if isinstance(levels, str):
@@ -410,4 +426,5 @@ def read_scenes(folder: str | Path) -> list[Scene]:
 
 __all__ = ["COLOURS", "BACKGROUNDS", "SHAPES", "SIZES", "POSITIONS", "LEVELS", "MAX_OBJECTS", "WorldObject", "Scene",
            "ParsedObject", "Parsed", "sample_scene", "is_heldout", "scenes", "render", "describe", "parse",
-           "score_caption", "attribute_accuracy", "corpus", "write_split", "read_scenes"]
+           "score_caption", "attribute_accuracy", "corpus", "echo_text", "write_echo_texts", "write_split",
+           "read_scenes"]
