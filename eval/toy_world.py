@@ -96,9 +96,9 @@ class Plan:
 
 
 QUICK = Plan(seeds=(0,), n_train=32, n_heldout=4, captioner_steps=2, captioner_batch=4, captioner_text_batch=2,
-             decoder_steps=2, decoder_batch=4, caption_tokens=12, sample_steps=2, cold_start_steps=1, encoder_steps=2, encoder_group=2,
-             encoder_images=1, decoder_rl_steps=2, decoder_rl_group=2, decoder_rl_images=1, lora_rank=4,
-             controls=False, quick_world=True)
+             decoder_steps=2, decoder_batch=4, caption_tokens=12, sample_steps=2, cold_start_steps=1, encoder_steps=2,
+             encoder_group=2, encoder_images=1, decoder_rl_steps=2, decoder_rl_group=2, decoder_rl_images=1,
+             lora_rank=4, controls=False, quick_world=True)
 
 
 # ----------------------------------------------------------------------------------------------- the world

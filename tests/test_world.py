@@ -9,8 +9,8 @@ from PIL import Image
 
 from train.data import ImageCaptionDataset
 from train.world import (BACKGROUNDS, COLOURS, LEVELS, POSITIONS, SHAPES, SIZES, ParsedObject, Scene, WorldObject,
-                         _best_matching, attribute_accuracy, corpus, describe, echo_text, is_heldout, parse, read_scenes,
-                         render, sample_scene, scenes, score_caption, write_echo_texts, write_split)
+                         _best_matching, attribute_accuracy, corpus, describe, echo_text, is_heldout, parse,
+                         read_scenes, render, sample_scene, scenes, score_caption, write_echo_texts, write_split)
 
 TWO = Scene("gray", (WorldObject("square", "orange", "small", "center"),
                      WorldObject("circle", "red", "large", "top left")))

@@ -59,9 +59,9 @@ from eval.model_args import caption_prompt
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import LLM_LORA_TARGETS
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
-                          build_uae, finish_run, init_distributed, open_run_folder, finite, option, parse_dtype, parse_options,
-                          reduce_stats, require, resume_loop, rng_state, run_script, save_run_checkpoint,
-                          split_for_rank, trained_adapter)
+                          build_uae, finish_run, finite, init_distributed, open_run_folder, option, parse_dtype,
+                          parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
+                          save_run_checkpoint, split_for_rank, trained_adapter)
 from train.data import ResumableSampler, SamplerState
 
 
