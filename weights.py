@@ -42,6 +42,9 @@ __all__ = [
 # (regex fully matching a checkpoint key, replacement template or None to drop the key on purpose).
 KeyTable = Sequence[tuple[str, str | None]]
 
+# The command-line names of the weight dtypes every script and tool takes (--dtype).
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
 # Bits per element of each safetensors dtype (F4 packs two values in a byte).
 _DTYPE_BITS = {"F64": 64, "F32": 32, "F16": 16, "BF16": 16, "I64": 64, "I32": 32, "I16": 16, "I8": 8, "U8": 8,
                "BOOL": 8, "F8_E4M3": 8, "F8_E5M2": 8, "U16": 16, "U32": 32, "U64": 64, "F8_E8M0": 8, "F4": 4}

@@ -62,7 +62,7 @@ def flow_grpo_step(pc: Pieces, source, context, negative, pooled, sample_steps: 
     g = context.shape[0]
     opts = gd.Options(sample_steps=sample_steps, noise_level=o.noise_level, guidance_scale=o.guidance,
                       clip_eps=1e-4, beta=0.04)
-    sde_steps = gd.trained_steps(opts)
+    sde_steps = gd.sde_steps_of(opts)
     sigmas = flow_sigmas(sample_steps, shift=3.0).to(device)
     latent = (g, 16, o.size // 8, o.size // 8)
     noise = torch.randn(latent, device=device)

@@ -11,8 +11,8 @@ import torch
 
 from eval.cli import at_least, device
 from model.handoff import BASE_PARTS
+from weights import DTYPES
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def add_model_args(p: argparse.ArgumentParser) -> None:

@@ -82,15 +82,15 @@ def test_minibatches_split_by_global_index(tmp_path):
         gd.main(FAST + ["--steps", "1", "--minibatches", "3", "--out", str(tmp_path / "bad")])
 
 
-def test_trained_steps_window():
+def test_sde_steps_window():
     o = gd.Options(sample_steps=10)
-    assert gd.trained_steps(o) == list(range(9))
-    assert gd.trained_steps(replace(o, sde_window="2:5")) == [2, 3, 4]
+    assert gd.sde_steps_of(o) == list(range(9))
+    assert gd.sde_steps_of(replace(o, sde_window="2:5")) == [2, 3, 4]
     for bad in ("5:2", "0:10", "x", "3"):
         with pytest.raises(ValueError, match="sde-window"):
-            gd.trained_steps(replace(o, sde_window=bad))
+            gd.sde_steps_of(replace(o, sde_window=bad))
     with pytest.raises(ValueError, match="sample-steps must be >= 2"):
-        gd.trained_steps(replace(o, sample_steps=1))
+        gd.sde_steps_of(replace(o, sample_steps=1))
 
 
 def tiny_setup(lora=True):
@@ -112,12 +112,12 @@ def test_noise_level_zero_rollout_is_the_ode_trajectory():
     noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=g)
     step_noise = torch.randn(2, 5, *noise.shape[1:], generator=g)
     velocity = uae.velocity_fn(context, negative)
-    traj = gd.rollout(velocity, noise, step_noise, sigmas, o, gd.trained_steps(o), 4.5)
+    traj = gd.rollout(velocity, noise, step_noise, sigmas, o, gd.sde_steps_of(o), 4.5)
     with torch.no_grad():
         ode = sample_ode(velocity, noise, sigmas, guidance_scale=4.5)
     torch.testing.assert_close(traj.latents[:, -1], ode, rtol=1e-5, atol=1e-5)
     # With the default noise level the same draws give a different (stochastic) endpoint.
-    sde = gd.rollout(velocity, noise, step_noise, sigmas, replace(o, noise_level=0.7), gd.trained_steps(o), 4.5)
+    sde = gd.rollout(velocity, noise, step_noise, sigmas, replace(o, noise_level=0.7), gd.sde_steps_of(o), 4.5)
     assert (sde.latents[:, -1] - ode).abs().max() > 1e-2
     assert traj.latents.shape[1] == 6 and traj.log_probs.shape == (2, 5) and torch.all(traj.log_probs[:, -1] == 0)
 
@@ -131,7 +131,7 @@ def test_kl_is_on_flow_grpo_scale_and_skipped_at_beta_zero(monkeypatch):
     g = torch.Generator().manual_seed(1)
     noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=g)
     velocity = uae.velocity_fn(context, negative)
-    steps = gd.trained_steps(o)
+    steps = gd.sde_steps_of(o)
     traj = gd.rollout(velocity, noise, torch.randn(2, 4, *noise.shape[1:], generator=g), sigmas, o, steps, 4.5)
     stats = gd.train_minibatch(uae.dit, velocity, traj, torch.arange(2), torch.tensor([1.0, -1.0]), o, steps, 4.5)
     for j, st in zip(steps, stats):
@@ -161,7 +161,7 @@ def test_training_forward_detaches_the_unconditional_branch():
     sigmas = flow_sigmas(3, shift=uae.settings.shift)
     noise = torch.randn(2, *uae.latent_shape(1, 64, 64)[1:], generator=torch.Generator().manual_seed(2))
     velocity = uae.velocity_fn(context, negative)
-    traj = gd.rollout(velocity, noise, torch.randn(2, 3, *noise.shape[1:]), sigmas, o, gd.trained_steps(o), 4.5)
+    traj = gd.rollout(velocity, noise, torch.randn(2, 3, *noise.shape[1:]), sigmas, o, gd.sde_steps_of(o), 4.5)
     u = torch.ones((), requires_grad=True)
 
     def scaled(x, t):
@@ -169,7 +169,7 @@ def test_training_forward_detaches_the_unconditional_branch():
         b = x.shape[0] // 2
         return torch.cat([u * v[:b], v[b:]])
 
-    gd.train_minibatch(uae.dit, scaled, traj, torch.arange(2), torch.tensor([1.0, -1.0]), o, gd.trained_steps(o), 4.5)
+    gd.train_minibatch(uae.dit, scaled, traj, torch.arange(2), torch.tensor([1.0, -1.0]), o, gd.sde_steps_of(o), 4.5)
     assert u.grad is None or u.grad == 0
     assert any(m.B.weight.grad is not None and m.B.weight.grad.abs().sum() > 0 for m in lora_layers(uae.dit).values())
 

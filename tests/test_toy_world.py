@@ -6,6 +6,7 @@ import math
 import pytest
 
 from eval import toy_world
+from eval.toy_world import mean, stderr
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -75,3 +76,18 @@ def test_targets_are_judged_from_the_rows():
     met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)})}
     assert not met["stage 2: caption length"] and not met["stage 3: attribute accuracy"]
     assert not met["stage 2 control lr 0: flat"]
+
+
+def test_a_change_is_judged_against_the_per_image_change():
+    # The same 4 scenes before and after: each image's score moves by 0.1 +- 0.01 while the scenes spread by 0.5, so
+    # the change is many standard errors of the per-image change, and well within the unpaired standard errors.
+    before = [0.1, 0.9, -0.4, 0.5]
+    after = [x + 0.1 + d for x, d in zip(before, (0.01, -0.01, 0.0, 0.005))]
+    a, b = _row("cold_start", 0, mean(before), err=stderr(before)), _row("grpo_encoder", 0, mean(after),
+                                                                        err=stderr(after))
+    assert toy_world._joint_err(a, b, "") > 0.1 / 3  # without the per-image scores: not 3 standard errors up
+    a["recon_per_image"], b["recon_per_image"] = before, after
+    diffs = [y - x for x, y in zip(before, after)]
+    assert toy_world._joint_err(a, b, "") == pytest.approx(stderr(diffs))
+    met = {t["target"]: t for t in toy_world.check_targets([a, b], {})}["stage 2: reconstruction score"]
+    assert met["met"] and met["measured"][0] == pytest.approx(mean(diffs) / stderr(diffs), abs=0.01)

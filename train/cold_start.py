@@ -77,51 +77,52 @@ RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "sample_steps", "lora_r
 
 
 def main(argv: list[str] | None = None) -> dict:
-    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    d = init_distributed(o.device)
-    dtype = parse_dtype(o.dtype)
-    mine = split_for_rank(o.batch_size, d, "batch_size")
+    opts = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    dist_env = init_distributed(opts.device)
+    dtype = parse_dtype(opts.dtype)
+    my_share = split_for_rank(opts.batch_size, dist_env, "batch_size")
 
-    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
-    uae, inherited = build_uae(o, dtype, d.device, folder)
-    reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
-    apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha,
+    folder, state = open_run_folder(opts, RESUME_KEYS, dist_env.is_main)
+    uae, inherited = build_uae(opts, dtype, dist_env.device, folder)
+    reward_fn = build_reward(opts.clip, is_tiny(opts), opts.seed, dtype, dist_env.device)
+    apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=opts.lora_rank, alpha=opts.lora_alpha,
                init="gaussian")
-    apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+    apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=opts.lora_rank, alpha=opts.lora_alpha, init="gaussian")
     params = lora_parameters(uae.lvlm) + lora_parameters(uae.dit)
     uae.connector.float()  # trained (or handed on) in fp32
-    if o.train_connector:
+    if opts.train_connector:
         uae.connector.requires_grad_(True)
         params += list(uae.connector.parameters())
     for p in params:
         p.data = p.data.float()
-    uae.lvlm.gradient_checkpointing = uae.dit.gradient_checkpointing = o.grad_checkpointing
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    uae.lvlm.gradient_checkpointing = uae.dit.gradient_checkpointing = opts.grad_checkpointing
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
-    dataset = build_dataset(o, need_caption=False)
-    sampler = ResumableSampler(dataset, seed=o.seed)
+    dataset = build_dataset(opts, need_caption=False)
+    sampler = ResumableSampler(dataset, seed=opts.seed)
     if state is not None:  # the trained connector came back with the checkpoint's model/ (build_uae)
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
         load_lora(uae.dit, trained_adapter(folder, "dit"))
-    start = resume_loop(state, opt, sampler, o, d.is_main)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
-    guard = NonFiniteGuard(o.max_bad_steps)
-    sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
-    guidance = o.guidance_scale if o.guidance_scale > 1 else None
+    start = resume_loop(state, opt, sampler, opts, dist_env.is_main)
+    log = MetricsLogger(os.path.join(opts.out, "metrics.jsonl"), opts.steps, dist_env.is_main, start_step=start)
+    guard = NonFiniteGuard(opts.max_bad_steps)
+    sigmas = flow_sigmas(opts.sample_steps, shift=uae.settings.shift).to(dist_env.device)
+    guidance = opts.guidance_scale if opts.guidance_scale > 1 else None
     metrics: dict = {}
 
-    for step in range(start + 1, o.steps + 1):
-        gen = step_generator(o.seed, step)
-        images = sampler.next_batch(o.batch_size)
-        noise = torch.randn(uae.latent_shape(o.batch_size, o.size, o.size), generator=gen)[mine].to(d.device)
-        seeds = torch.randint(2**31 - 1, (o.batch_size,), generator=gen)[mine].tolist()
-        mine_images = [im for im, _ in images[mine]]
+    for step in range(start + 1, opts.steps + 1):
+        gen = step_generator(opts.seed, step)
+        images = sampler.next_batch(opts.batch_size)
+        noise = torch.randn(uae.latent_shape(opts.batch_size, opts.size, opts.size), generator=gen)[my_share]
+        noise = noise.to(dist_env.device)
+        seeds = torch.randint(2**31 - 1, (opts.batch_size,), generator=gen)[my_share].tolist()
+        my_images = [im for im, _ in images[my_share]]
 
         # 1. Captions (sampled, no gradient through the tokens) as one batch, one seeded generator per image (a
         #    caption does not depend on the rows beside it); each ends before any sampled image placeholder
         #    (UAE.caption), so the caption re-encodes with its image.
-        kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
-        _, inputs, out = uae.caption(mine_images, temperature=o.caption_temperature,
+        kw = {"max_new_tokens": opts.max_new_tokens} if opts.max_new_tokens else {}
+        _, inputs, out = uae.caption(my_images, temperature=opts.caption_temperature,
                                      generator=[torch.Generator().manual_seed(s) for s in seeds], return_output=True,
                                      **kw)
         extra = global_max(out.new_tokens.shape[1]) - out.new_tokens.shape[1]  # the global batch's padding
@@ -134,18 +135,18 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         context = uae.caption_context(inputs, tokens, masks)
         with torch.no_grad():
-            negative = uae.encode_text([NEGATIVE_PROMPT]).expand(len(mine_images), -1, -1) if guidance else None
+            negative = uae.encode_text([NEGATIVE_PROMPT]).expand(len(my_images), -1, -1) if guidance else None
         latents = sample_ode(uae.velocity_fn(context, negative), noise, sigmas, guidance_scale=guidance,
-                             grad_last_k=o.grad_last_k or None)
+                             grad_last_k=opts.grad_last_k or None)
         recon = uae.vae.decode(uae.vae.from_model_latents(latents.to(dtype))).float()
 
         # 3. L = 1 - cos(CLIP(x), CLIP(x~)), averaged over the global batch (gradients averaged over ranks).
-        sources = pil_to_tensor(mine_images, o.size).to(d.device)
+        sources = pil_to_tensor(my_images, opts.size).to(dist_env.device)
         similarity = reward_fn(sources, recon, differentiable=True)
         loss = (1 - similarity).mean()
         loss.backward()
         average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
         step_stats = reduce_stats([{"loss": loss.detach(), "similarity": similarity.detach().mean(),
                                     "caption_len": masks.sum(1).float().mean()}])  # global means
         if guard.bad(step, loss=step_stats["loss"], grad_norm=grad_norm):
@@ -154,13 +155,13 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
         metrics = {**step_stats, "grad_norm": float(grad_norm)}
         log.log(step, metrics)
-        if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
+        if step % opts.save_every == 0 or step == opts.steps:
+            state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
                      "rng": rng_state()}
-            if d.is_main:
-                trains = ("lvlm_adapter", "dit_adapter") + (("connector",) if o.train_connector else ())
-                save_run_checkpoint(o, step, state, uae, stage="cold_start", trains=trains, inherited=inherited)
-    finish_run(o, log)
+            if dist_env.is_main:
+                trains = ("lvlm_adapter", "dit_adapter") + (("connector",) if opts.train_connector else ())
+                save_run_checkpoint(opts, step, state, uae, stage="cold_start", trains=trains, inherited=inherited)
+    finish_run(opts, log)
     return metrics
 
 

@@ -25,6 +25,7 @@ import torch.distributed as dist
 
 from model.handoff import BASE_PARTS
 from model.uae import LORA_ALPHA, LORA_RANK
+from weights import DTYPES
 
 # ----------------------------------------------------------------------------------------------- options from argv
 
@@ -47,10 +48,10 @@ def parse_options(cls, argv: list[str] | None = None, description: str | None = 
                                 help=help_text)
         else:
             parser.add_argument(flag, dest=f.name, type=kind, default=default, help=help_text)
-    o = cls(**vars(parser.parse_args(argv)))
-    if hasattr(o, "check"):
-        o.check()
-    return o
+    opts = cls(**vars(parser.parse_args(argv)))
+    if hasattr(opts, "check"):
+        opts.check()
+    return opts
 
 
 class UsageError(ValueError):
@@ -280,12 +281,12 @@ def average_gradients(params: list[torch.nn.Parameter]) -> None:
         offset += g.numel()
 
 
-def split_for_rank(n_global: int, d: Dist, what: str) -> slice:
+def split_for_rank(n_global: int, dist_env: Dist, what: str) -> slice:
     """The contiguous slice of a global batch this rank owns; the global size must divide across ranks."""
-    if n_global % d.world:
-        raise UsageError(f"{what}={n_global} does not divide across {d.world} ranks")
-    per = n_global // d.world
-    return slice(d.rank * per, (d.rank + 1) * per)
+    if n_global % dist_env.world:
+        raise UsageError(f"{what}={n_global} does not divide across {dist_env.world} ranks")
+    per = n_global // dist_env.world
+    return slice(dist_env.rank * per, (dist_env.rank + 1) * per)
 
 
 # ----------------------------------------------------------------------------------------------- seeding, dtype
@@ -296,7 +297,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + step)
 
 
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -542,7 +542,7 @@ def release_run_folder(run_dir: str | Path) -> None:
         os.close(fd)
 
 
-def open_run_folder(o, compare: tuple[str, ...], is_main: bool) -> tuple[Path | None, dict | None]:
+def open_run_folder(opts, compare: tuple[str, ...], is_main: bool) -> tuple[Path | None, dict | None]:
     """Take `o.out` for this run; with --resume return the checkpoint to continue from and its state (options
     checked against `compare`), else (None, None). Call it before building the model (the checkpoint's model/
     folder is part of what the model is built from); restore `state["rng"]` once the model is built.
@@ -550,36 +550,36 @@ def open_run_folder(o, compare: tuple[str, ...], is_main: bool) -> tuple[Path | 
     Rank 0 locks the folder and removes temp files of interrupted saves. A fresh run (no --resume) refuses a folder
     that holds another run's metrics or checkpoints unless --overwrite, which deletes them first: rerunning a
     command must not silently truncate the metrics of the run it replaces or leave its later checkpoints behind."""
-    run_dir = Path(o.out)
+    run_dir = Path(opts.out)
     if is_main:
         lock_run_folder(run_dir)
         for p in _stale_temp_files(run_dir):
             print(f"removing {p}: left by an interrupted save", file=sys.stderr, flush=True)
             _remove(p)
-        if not o.resume:
+        if not opts.resume:
             found = _run_files(run_dir)
-            if found and not o.overwrite:
+            if found and not opts.overwrite:
                 shown = ", ".join(p.name for p in found[:4]) + (", ..." if len(found) > 4 else "")
                 raise UsageError(f"--out {run_dir} already holds a run ({shown}); pass --resume to continue it or "
                                  "--overwrite to replace it")
             for p in found:
                 _remove(p)
-    if not o.resume:
+    if not opts.resume:
         return None, None
-    folder, state = latest_checkpoint(run_dir, dataclasses.asdict(o), compare)
+    folder, state = latest_checkpoint(run_dir, dataclasses.asdict(opts), compare)
     if is_main and folder is not None:
         print(f"resuming from {folder} at step {state['step']}", flush=True)
-        if state["step"] >= o.steps:
-            print(f"the checkpoint is at step {state['step']} and --steps is {o.steps}: nothing left to train "
+        if state["step"] >= opts.steps:
+            print(f"the checkpoint is at step {state['step']} and --steps is {opts.steps}: nothing left to train "
                   "(raise --steps to continue)", flush=True)
     return folder, state
 
 
-def apply_optimizer_options(opt: torch.optim.Optimizer, o, is_main: bool) -> None:
+def apply_optimizer_options(opt: torch.optim.Optimizer, opts, is_main: bool) -> None:
     """After loading a checkpoint's optimizer state: this run's --lr and --weight-decay replace the saved ones
     (load_state_dict restores the old values), and each change is logged."""
     for key in ("lr", "weight_decay"):
-        new = getattr(o, key)
+        new = getattr(opts, key)
         old = {group[key] for group in opt.param_groups}
         for group in opt.param_groups:
             group[key] = new
@@ -588,7 +588,7 @@ def apply_optimizer_options(opt: torch.optim.Optimizer, o, is_main: bool) -> Non
                   flush=True)
 
 
-def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, o, is_main: bool,
+def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, opts, is_main: bool,
                 load_optimizer=None) -> int:
     """Continue a training loop from a checkpoint's `state` (None: a fresh run, step 0): the optimizer's state (with
     `load_optimizer`, e.g. FSDP2's resharding load, else `opt.load_state_dict`), then this run's --lr and
@@ -599,7 +599,7 @@ def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, o, is_m
     from train.data import SamplerState
 
     (load_optimizer or opt.load_state_dict)(state["optimizer"])
-    apply_optimizer_options(opt, o, is_main)
+    apply_optimizer_options(opt, opts, is_main)
     if hasattr(sampler, "load_state_dict"):  # a sampler with more state than (epoch, position): BucketSampler
         sampler.load_state_dict(state["sampler"])
     else:
@@ -608,11 +608,11 @@ def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, o, is_m
     return state["step"]
 
 
-def finish_run(o, log: "MetricsLogger") -> None:
+def finish_run(opts, log: "MetricsLogger") -> None:
     """The end of a training script's main(): close the metrics file, release the run folder, leave the process
     group."""
     log.close()
-    release_run_folder(o.out)
+    release_run_folder(opts.out)
     close_distributed()
 
 
@@ -648,14 +648,14 @@ def set_rng_state(state: dict) -> None:
 BASE_KEYS = BASE_PARTS + ("init",)
 
 
-def base_model(o: RunOptions) -> dict:
+def base_model(opts: RunOptions) -> dict:
     """The base model of a run, as model.handoff records it (the tiny preset is identified by its seed)."""
     from model.handoff import base_identity
 
-    return base_identity(tiny_seed=o.seed, **{k: getattr(o, k) for k in BASE_PARTS})
+    return base_identity(tiny_seed=opts.seed, **{k: getattr(opts, k) for k in BASE_PARTS})
 
 
-def build_uae(o: RunOptions, dtype: torch.dtype, device: torch.device, resume_from: Path | None = None):
+def build_uae(opts: RunOptions, dtype: torch.dtype, device: torch.device, resume_from: Path | None = None):
     """The model a stage starts from, frozen; scripts then add the adapters they train. Returns (uae, inherited):
 
     the base (the release at --uae, plain parts, or the tiny preset seeded by --seed), then what the stage builds
@@ -667,22 +667,22 @@ def build_uae(o: RunOptions, dtype: torch.dtype, device: torch.device, resume_fr
     from model.layers import set_attention_backend
     from model.uae import UAE
 
-    if o.attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+    if opts.attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"--attention triton needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before "
                          "triton is imported (slow; for tests)")
-    set_attention_backend(o.attention)
+    set_attention_backend(opts.attention)
     inherited = None  # read and checked first: a wrong --init fails before the base model is loaded
     if resume_from is not None:
         inherited = read_handoff(resume_from).inherited()
-    elif o.init:
-        inherited = read_handoff(o.init)
+    elif opts.init:
+        inherited = read_handoff(opts.init)
     if inherited is not None:
-        inherited.check_base(base_model(o))
-    parts = {k: getattr(o, k) or None for k in BASE_PARTS if k != "uae"}
-    if o.uae or any(parts.values()):
-        uae = UAE.from_pretrained(o.uae or None, dtype=dtype, device=device, **parts)
+        inherited.check_base(base_model(opts))
+    parts = {k: getattr(opts, k) or None for k in BASE_PARTS if k != "uae"}
+    if opts.uae or any(parts.values()):
+        uae = UAE.from_pretrained(opts.uae or None, dtype=dtype, device=device, **parts)
     else:
-        uae = UAE.tiny(o.seed, dtype, device)
+        uae = UAE.tiny(opts.seed, dtype, device)
     if inherited is not None:
         load_handoff(uae, inherited)
     return uae.requires_grad_(False), inherited
@@ -695,11 +695,11 @@ def trained_adapter(checkpoint: Path, component: str) -> Path:
     return read_handoff(checkpoint).trained_adapter(component)
 
 
-def is_tiny(o: RunOptions) -> bool:
-    return base_model(o)["tiny_seed"] is not None
+def is_tiny(opts: RunOptions) -> bool:
+    return base_model(opts)["tiny_seed"] is not None
 
 
-def save_run_checkpoint(o: RunOptions, step: int, state: dict, uae, *, stage: str, trains: tuple[str, ...],
+def save_run_checkpoint(opts: RunOptions, step: int, state: dict, uae, *, stage: str, trains: tuple[str, ...],
                         inherited, dit_ema=None, connector_state: dict | None = None,
                         dit_state: dict | None = None) -> Path:
     """`save_checkpoint` of `state` (optimizer, sampler, RNG, ...) with the model this run has so far in the
@@ -707,20 +707,20 @@ def save_run_checkpoint(o: RunOptions, step: int, state: dict, uae, *, stage: st
     from model.handoff import FOLDER, save_handoff
 
     def write(folder: Path) -> None:
-        save_handoff(folder / FOLDER, uae, base=base_model(o), stage=stage, run=o.out, step=step,
+        save_handoff(folder / FOLDER, uae, base=base_model(opts), stage=stage, run=opts.out, step=step,
                      inherited=inherited, trains=trains, dit_ema=dit_ema, connector_state=connector_state,
                      dit_state=dit_state)
 
-    return save_checkpoint(o.out, step, state, write_extra=write)
+    return save_checkpoint(opts.out, step, state, write_extra=write)
 
 
-def build_dataset(o: RunOptions, need_caption: bool):
+def build_dataset(opts: RunOptions, need_caption: bool):
     """--data as (image, caption) pairs, or the procedural scenes (which come with captions)."""
     from train.data import ImageCaptionDataset, ProceduralDataset
 
-    if o.data:
-        return ImageCaptionDataset(o.data, need_caption=need_caption)
-    return ProceduralDataset(o.procedural_images, o.size, o.seed)
+    if opts.data:
+        return ImageCaptionDataset(opts.data, need_caption=need_caption)
+    return ProceduralDataset(opts.procedural_images, opts.size, opts.seed)
 
 
 @torch.no_grad()

@@ -102,7 +102,7 @@ class Options(RunOptions):
         super().check()
         require(self.images_per_step >= 1, f"--images-per-step must be >= 1, got {self.images_per_step}")
         require(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
-        trained_steps(self)
+        sde_steps_of(self)
         require(finite(self.noise_level) and self.noise_level > 0,
                 f"--noise-level must be > 0 (the SDE step's Gaussian needs a positive std), got {self.noise_level}")
         require(finite(self.guidance_scale) and self.guidance_scale >= 1,
@@ -125,32 +125,32 @@ RESUME_KEYS = BASE_KEYS + ("data", "dataset_captions", "images_per_step", "group
                            "sde_window", "lora_rank", "lora_alpha", "lora_targets", "seed")
 
 
-def trained_steps(o: Options) -> list[int]:
+def sde_steps_of(opts: Options) -> list[int]:
     """Indices of the denoising steps run as SDE (and trained), a contiguous window. The last step (to sigma 0) is
     never trained: its Gaussian is degenerate."""
-    last = o.sample_steps - 1
-    require(last >= 1, f"--sample-steps must be >= 2 (the last step is never trained), got {o.sample_steps}")
-    if not o.sde_window:
+    last = opts.sample_steps - 1
+    require(last >= 1, f"--sample-steps must be >= 2 (the last step is never trained), got {opts.sample_steps}")
+    if not opts.sde_window:
         return list(range(last))
     try:
-        start, end = (int(x) for x in o.sde_window.split(":"))
+        start, end = (int(x) for x in opts.sde_window.split(":"))
     except ValueError:
-        raise UsageError(f"--sde-window must look like 'start:end', got {o.sde_window!r}") from None
-    require(0 <= start < end <= last, f"--sde-window {o.sde_window!r} must satisfy 0 <= start < end <= {last}")
+        raise UsageError(f"--sde-window must look like 'start:end', got {opts.sde_window!r}") from None
+    require(0 <= start < end <= last, f"--sde-window {opts.sde_window!r} must satisfy 0 <= start < end <= {last}")
     return list(range(start, end))
 
 
 @torch.no_grad()
-def rollout(velocity_fn, noise: torch.Tensor, step_noise: torch.Tensor, sigmas: torch.Tensor, o: Options,
+def rollout(velocity_fn, noise: torch.Tensor, step_noise: torch.Tensor, sigmas: torch.Tensor, opts: Options,
             sde_steps: list[int], guidance_scale: float | None) -> Trajectory:
     """Sample trajectories with the current policy: SDE on `sde_steps` (their log-probs are the old policy's),
     Euler ODE elsewhere; step i's eps is step_noise[:, i]."""
-    return sample_sde_trajectory(velocity_fn, noise, sigmas, noise_level=o.noise_level,
+    return sample_sde_trajectory(velocity_fn, noise, sigmas, noise_level=opts.noise_level,
                                  guidance_scale=guidance_scale, sde_window=(sde_steps[0], sde_steps[-1] + 1),
                                  step_noise=step_noise)
 
 
-def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advantages: torch.Tensor, o: Options,
+def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advantages: torch.Tensor, opts: Options,
                     sde_steps: list[int], guidance_scale: float | None) -> list[dict]:
     """Accumulate the gradient of the Flow-GRPO loss of trajectories `idx` over every trained step (one backward per
     step, the loss divided by the number of steps); `velocity_fn` is conditioned on rows `idx`. Returns each step's
@@ -158,111 +158,111 @@ def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advan
     stats = []
     for j in sde_steps:
         x, x_next = traj.latents[idx, j], traj.latents[idx, j + 1]
-        new = transition_log_prob(velocity_fn, x, x_next, traj.sigmas[j], traj.sigmas[j + 1], o.noise_level,
+        new = transition_log_prob(velocity_fn, x, x_next, traj.sigmas[j], traj.sigmas[j + 1], opts.noise_level,
                                   guidance_scale)
         mean_ref = None
-        if o.beta > 0:  # Flow-GRPO runs the reference only when it enters the loss
+        if opts.beta > 0:  # Flow-GRPO runs the reference only when it enters the loss
             with torch.no_grad(), lora_disabled(dit):
                 mean_ref = transition_log_prob(velocity_fn, x, x_next, traj.sigmas[j], traj.sigmas[j + 1],
-                                               o.noise_level, guidance_scale).mean
-        loss, st = flow_grpo_loss(new.log_prob, traj.log_probs[idx, j], advantages[idx], new.mean, mean_ref,
-                                  new.std_dev_t, o.clip_eps, o.beta)
+                                               opts.noise_level, guidance_scale).mean
+        loss, loss_stats = flow_grpo_loss(new.log_prob, traj.log_probs[idx, j], advantages[idx], new.mean, mean_ref,
+                                  new.std_dev_t, opts.clip_eps, opts.beta)
         (loss / len(sde_steps)).backward()
-        stats.append({k: v.detach().float() for k, v in st.items()} | {"loss": loss.detach().float()})
+        stats.append({k: v.detach().float() for k, v in loss_stats.items()} | {"loss": loss.detach().float()})
     return stats
 
 
 def main(argv: list[str] | None = None) -> dict:
-    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    d = init_distributed(o.device)
-    dtype = parse_dtype(o.dtype)
-    sde_steps = trained_steps(o)
-    n_traj = o.images_per_step * o.group_size
-    mine = split_for_rank(n_traj, d, "images_per_step * group_size")
-    require((mine.stop - mine.start) % o.minibatches == 0,
-            f"trajectories per rank {mine.stop - mine.start} must divide into --minibatches {o.minibatches}")
-    warn_single_sample_groups(o.group_size, d.is_main)
-    torch.manual_seed(o.seed)
+    opts = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    dist_env = init_distributed(opts.device)
+    dtype = parse_dtype(opts.dtype)
+    sde_steps = sde_steps_of(opts)
+    n_traj = opts.images_per_step * opts.group_size
+    my_share = split_for_rank(n_traj, dist_env, "images_per_step * group_size")
+    require((my_share.stop - my_share.start) % opts.minibatches == 0,
+            f"trajectories per rank {my_share.stop - my_share.start} must divide into --minibatches {opts.minibatches}")
+    warn_single_sample_groups(opts.group_size, dist_env.is_main)
+    torch.manual_seed(opts.seed)
 
-    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
-    uae, inherited = build_uae(o, dtype, d.device, folder)
-    reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
-    targets = [t for t in o.lora_targets.split(",") if t]
-    apply_lora(uae.dit, targets, rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+    folder, state = open_run_folder(opts, RESUME_KEYS, dist_env.is_main)
+    uae, inherited = build_uae(opts, dtype, dist_env.device, folder)
+    reward_fn = build_reward(opts.clip, is_tiny(opts), opts.seed, dtype, dist_env.device)
+    targets = [t for t in opts.lora_targets.split(",") if t]
+    apply_lora(uae.dit, targets, rank=opts.lora_rank, alpha=opts.lora_alpha, init="gaussian")
     params = lora_parameters(uae.dit)
     for p in params:  # trained adapters stay fp32 whatever the base dtype
         p.data = p.data.float()
-    uae.dit.gradient_checkpointing = o.grad_checkpointing
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
-    ema = EMA(params, decay=o.ema_decay) if o.ema_decay > 0 else None
+    uae.dit.gradient_checkpointing = opts.grad_checkpointing
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
+    ema = EMA(params, decay=opts.ema_decay) if opts.ema_decay > 0 else None
 
-    dataset = build_dataset(o, need_caption=o.dataset_captions)
-    sampler = ResumableSampler(dataset, seed=o.seed)
+    dataset = build_dataset(opts, need_caption=opts.dataset_captions)
+    sampler = ResumableSampler(dataset, seed=opts.seed)
     if state is not None:
         load_lora(uae.dit, trained_adapter(folder, "dit"))
         if ema is not None:
             ema.load_state_dict(state["ema"])
-    start = resume_loop(state, opt, sampler, o, d.is_main)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
-    guard = NonFiniteGuard(o.max_bad_steps)
-    sigmas = flow_sigmas(o.sample_steps, shift=uae.settings.shift).to(d.device)
-    latent_shape = uae.latent_shape(1, o.size, o.size)[1:]
+    start = resume_loop(state, opt, sampler, opts, dist_env.is_main)
+    log = MetricsLogger(os.path.join(opts.out, "metrics.jsonl"), opts.steps, dist_env.is_main, start_step=start)
+    guard = NonFiniteGuard(opts.max_bad_steps)
+    sigmas = flow_sigmas(opts.sample_steps, shift=uae.settings.shift).to(dist_env.device)
+    latent_shape = uae.latent_shape(1, opts.size, opts.size)[1:]
     metrics: dict = {}
 
-    for step in range(start + 1, o.steps + 1):
+    for step in range(start + 1, opts.steps + 1):
         # Every rank draws the same global randomness, then keeps its slice of trajectories.
-        gen = step_generator(o.seed, step)
-        batch = sampler.next_batch(o.images_per_step)
+        gen = step_generator(opts.seed, step)
+        batch = sampler.next_batch(opts.images_per_step)
         images = [im for im, _ in batch]
-        noise = torch.randn(n_traj, *latent_shape, generator=gen)[mine].to(d.device)
-        step_noise = torch.randn(n_traj, o.sample_steps, *latent_shape, generator=gen)[mine].to(d.device)
-        cap_seeds = torch.randint(2**31 - 1, (o.images_per_step,), generator=gen).tolist()
+        noise = torch.randn(n_traj, *latent_shape, generator=gen)[my_share].to(dist_env.device)
+        step_noise = torch.randn(n_traj, opts.sample_steps, *latent_shape, generator=gen)[my_share].to(dist_env.device)
+        cap_seeds = torch.randint(2**31 - 1, (opts.images_per_step,), generator=gen).tolist()
 
         # 1. Captions of this rank's images: cached in the dataset, or from the frozen captioner as one batch (one
         #    seeded generator per image: a caption does not depend on the images beside it).
-        image_of = [i // o.group_size for i in range(n_traj)][mine]
-        captions = {i: batch[i][1] for i in set(image_of)} if o.dataset_captions else {}
+        image_of = [i // opts.group_size for i in range(n_traj)][my_share]
+        captions = {i: batch[i][1] for i in set(image_of)} if opts.dataset_captions else {}
         todo = sorted(set(image_of) - set(captions))
         if todo:
-            kw = {"max_new_tokens": o.caption_tokens} if o.caption_tokens else {}
-            texts = uae.caption([images[i] for i in todo], do_sample=o.caption_temperature > 0,
-                                temperature=o.caption_temperature or 1.0,
+            kw = {"max_new_tokens": opts.caption_tokens} if opts.caption_tokens else {}
+            texts = uae.caption([images[i] for i in todo], do_sample=opts.caption_temperature > 0,
+                                temperature=opts.caption_temperature or 1.0,
                                 generator=[torch.Generator().manual_seed(cap_seeds[i]) for i in todo], **kw)
             captions.update(zip(todo, texts))
         prompts = [captions[i] for i in image_of]
 
         # 2. Rollouts with the current policy (adapters on), the SDE steps' log-probs recorded.
         with torch.no_grad():
-            context, negative = condition_padded_over_ranks(uae, prompts, o.guidance_scale)
-        sample_guidance = o.guidance_scale if negative is not None else None
-        traj = rollout(uae.velocity_fn(context, negative), noise, step_noise, sigmas, o, sde_steps, sample_guidance)
+            context, negative = condition_padded_over_ranks(uae, prompts, opts.guidance_scale)
+        sample_guidance = opts.guidance_scale if negative is not None else None
+        traj = rollout(uae.velocity_fn(context, negative), noise, step_noise, sigmas, opts, sde_steps, sample_guidance)
 
         # 3. Reward: reconstruction similarity to the source image.
         with torch.no_grad():
             recon = uae.vae.decode(uae.vae.from_model_latents(traj.latents[:, -1].to(dtype))).float()
-            rewards = group_rewards(reward_fn, images, image_of, recon, o.size)
+            rewards = group_rewards(reward_fn, images, image_of, recon, opts.size)
         all_rewards = all_gather_cat(rewards.float())
-        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip,
-                                      global_std=o.adv_std == "global")
-        if o.group_size > 1:
-            warn_zero_advantages(step, advantages, d.is_main)
-        advantages = advantages[mine]
+        advantages = group_advantages(all_rewards, opts.group_size, clip=opts.adv_clip,
+                                      global_std=opts.adv_std == "global")
+        if opts.group_size > 1:
+            warn_zero_advantages(step, advantages, dist_env.is_main)
+        advantages = advantages[my_share]
 
         # 4. Policy update: `minibatches` optimizer steps per pass, `inner_epochs` passes. Minibatch k holds the
         #    trajectories whose global index is k modulo `minibatches` (every rank holds an equal share of it).
-        train_guidance = sample_guidance if o.train_cfg else None
-        global_index = torch.arange(mine.start, mine.stop)
+        train_guidance = sample_guidance if opts.train_cfg else None
+        global_index = torch.arange(my_share.start, my_share.stop)
         stats, grad_norms = [], []
-        for _epoch in range(o.inner_epochs):
-            for k in range(o.minibatches):
-                idx = (global_index % o.minibatches == k).nonzero().squeeze(1).to(d.device)
+        for _epoch in range(opts.inner_epochs):
+            for k in range(opts.minibatches):
+                idx = (global_index % opts.minibatches == k).nonzero().squeeze(1).to(dist_env.device)
                 velocity_k = uae.velocity_fn(context[idx], negative[idx] if train_guidance else None)
                 opt.zero_grad(set_to_none=True)
-                update_stats = train_minibatch(uae.dit, velocity_k, traj, idx, advantages, o, sde_steps,
+                update_stats = train_minibatch(uae.dit, velocity_k, traj, idx, advantages, opts, sde_steps,
                                                train_guidance)
                 stats += update_stats
                 average_gradients(params)
-                grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+                grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
                 grad_norms.append(float(grad_norm))
                 # Statistics of this update over the ranks: every rank takes the same skip decision.
                 loss = reduce_stats(update_stats)["loss"]
@@ -279,13 +279,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "grad_norm": sum(grad_norms) / len(grad_norms), **step_stats}
         log.log(step, metrics)
 
-        if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
+        if step % opts.save_every == 0 or step == opts.steps:
+            state = {"options": asdict(opts), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
                      "sampler": asdict(sampler.state), "rng": rng_state()}
-            if d.is_main:  # the EMA adapter is what evaluation loads (Flow-GRPO evaluates the EMA)
-                save_run_checkpoint(o, step, state, uae, stage="grpo_decoder", trains=("dit_adapter",),
+            if dist_env.is_main:  # the EMA adapter is what evaluation loads (Flow-GRPO evaluates the EMA)
+                save_run_checkpoint(opts, step, state, uae, stage="grpo_decoder", trains=("dit_adapter",),
                                     inherited=inherited, dit_ema=ema.swap if ema is not None else None)
-    finish_run(o, log)
+    finish_run(opts, log)
     return metrics
 
 

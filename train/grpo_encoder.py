@@ -120,104 +120,106 @@ RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lor
                            "lora_targets", "seed")
 
 
-def sample_captions(uae, images: list, image_of: list[int], seeds: list[int], o: Options):
+def sample_captions(uae, images: list, image_of: list[int], seeds: list[int], opts: Options):
     """Caption row r of image images[image_of[r]] from generator seed seeds[r], all rows as one batch: each image's
     vision features and prompt prefill are computed once and its KV cache copied to its rows (`UAE.caption` with
     `image_of`); one generator per row, so a caption depends on its seed, not on the rows beside it or the rank
     layout. Captions end before any sampled image placeholder. Returns (tokens [R, N], mask [R, N], texts, the rows'
     inputs with the image features for the log-prob forwards)."""
     first = image_of[0]
-    kw = {"max_new_tokens": o.max_new_tokens} if o.max_new_tokens else {}
-    texts, inputs, out = uae.caption(images[first:image_of[-1] + 1], do_sample=True, temperature=o.temperature,
+    kw = {"max_new_tokens": opts.max_new_tokens} if opts.max_new_tokens else {}
+    texts, inputs, out = uae.caption(images[first:image_of[-1] + 1], do_sample=True, temperature=opts.temperature,
                                      generator=[torch.Generator().manual_seed(s) for s in seeds], return_output=True,
-                                     image_of=[i - first for i in image_of], cuda_graph=o.cuda_graph, **kw)
+                                     image_of=[i - first for i in image_of], cuda_graph=opts.cuda_graph, **kw)
     return out.new_tokens, out.mask, texts, inputs
 
 
-def render_captions(uae, texts: list[str], seeds: list[int], o: Options) -> torch.Tensor:
+def render_captions(uae, texts: list[str], seeds: list[int], opts: Options) -> torch.Tensor:
     """The frozen decoder's images [R, 3, size, size] of `texts`, as one batch: image r from the initial noise of
     generator seed seeds[r]; every text (and the negative prompt) padded to the longest of the step over all ranks
     (`condition_length`: the DiT has no text mask, so the padding is part of the condition, as stage 3 renders)."""
-    return uae.generate(texts, o.size, o.size, o.gen_steps, o.guidance_scale,
+    return uae.generate(texts, opts.size, opts.size, opts.gen_steps, opts.guidance_scale,
                         [torch.Generator().manual_seed(s) for s in seeds], output_type="tensor",
-                        pad_to=condition_length(uae, texts, o.guidance_scale))
+                        pad_to=condition_length(uae, texts, opts.guidance_scale))
 
 
 def policy_loss(uae, inputs: dict, tokens: torch.Tensor, masks: torch.Tensor, advantages: torch.Tensor,
-                o: Options) -> tuple[torch.Tensor, dict]:
+                opts: Options) -> tuple[torch.Tensor, dict]:
     """GRPO's loss (train/rl.py `grpo_loss`) of one step's captions, differentiable to the adapter. Each batch of
     rollouts gets one optimizer step (TRL's num_iterations = 1), so the old policy is the current one: its log-probs
     are the policy's own, detached (ratio 1, as TRL's GRPOTrainer takes them), and only the policy forward and, with
     beta > 0, the reference forward (the new adapter off) run, both through `UAE.caption_logprobs`."""
-    logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
+    logp = uae.caption_logprobs(inputs, tokens, masks, opts.temperature)
     ref_logp = None
-    if o.beta > 0:
+    if opts.beta > 0:
         with torch.no_grad(), lora_disabled(uae.lvlm):
-            ref_logp = uae.caption_logprobs(inputs, tokens, masks, o.temperature)
-    return grpo_loss(logp, logp.detach(), ref_logp, advantages, masks, o.clip_eps, o.beta, reduction=o.loss_norm)
+            ref_logp = uae.caption_logprobs(inputs, tokens, masks, opts.temperature)
+    return grpo_loss(logp, logp.detach(), ref_logp, advantages, masks, opts.clip_eps, opts.beta,
+                     reduction=opts.loss_norm)
 
 
 def main(argv: list[str] | None = None) -> dict:
-    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    d = init_distributed(o.device)
-    dtype = parse_dtype(o.dtype)
-    n_caps = o.images_per_step * o.group_size
-    mine = split_for_rank(n_caps, d, "images_per_step * group_size")
-    warn_single_sample_groups(o.group_size, d.is_main)
+    opts = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    dist_env = init_distributed(opts.device)
+    dtype = parse_dtype(opts.dtype)
+    n_caps = opts.images_per_step * opts.group_size
+    my_share = split_for_rank(n_caps, dist_env, "images_per_step * group_size")
+    warn_single_sample_groups(opts.group_size, dist_env.is_main)
 
-    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
-    uae, inherited = build_uae(o, dtype, d.device, folder)
-    uae.lvlm.fused_logprobs = o.logprob == "fused"
-    reward_fn = build_reward(o.clip, is_tiny(o), o.seed, dtype, d.device)
-    targets = [t for t in o.lora_targets.split(",") if t]
+    folder, state = open_run_folder(opts, RESUME_KEYS, dist_env.is_main)
+    uae, inherited = build_uae(opts, dtype, dist_env.device, folder)
+    uae.lvlm.fused_logprobs = opts.logprob == "fused"
+    reward_fn = build_reward(opts.clip, is_tiny(opts), opts.seed, dtype, dist_env.device)
+    targets = [t for t in opts.lora_targets.split(",") if t]
     # Adapters on the text decoder only (the vision tower's MLP shares the projection names).
-    apply_lora(uae.lvlm.language_model, targets, rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+    apply_lora(uae.lvlm.language_model, targets, rank=opts.lora_rank, alpha=opts.lora_alpha, init="gaussian")
     params = lora_parameters(uae.lvlm)
     for p in params:
         p.data = p.data.float()
-    uae.lvlm.gradient_checkpointing = o.grad_checkpointing
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    uae.lvlm.gradient_checkpointing = opts.grad_checkpointing
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
-    dataset = build_dataset(o, need_caption=False)
-    sampler = ResumableSampler(dataset, seed=o.seed)
+    dataset = build_dataset(opts, need_caption=False)
+    sampler = ResumableSampler(dataset, seed=opts.seed)
     if state is not None:
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
-    start = resume_loop(state, opt, sampler, o, d.is_main)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
-    guard = NonFiniteGuard(o.max_bad_steps)
+    start = resume_loop(state, opt, sampler, opts, dist_env.is_main)
+    log = MetricsLogger(os.path.join(opts.out, "metrics.jsonl"), opts.steps, dist_env.is_main, start_step=start)
+    guard = NonFiniteGuard(opts.max_bad_steps)
     metrics: dict = {}
 
-    for step in range(start + 1, o.steps + 1):
-        gen = step_generator(o.seed, step)
-        images = [im for im, _ in sampler.next_batch(o.images_per_step)]
+    for step in range(start + 1, opts.steps + 1):
+        gen = step_generator(opts.seed, step)
+        images = [im for im, _ in sampler.next_batch(opts.images_per_step)]
         seeds = torch.randint(2**31 - 1, (n_caps, 2), generator=gen)
-        image_of = [i // o.group_size for i in range(n_caps)]
-        if o.render_noise == "group":  # every caption of an image renders from its group's first draw
-            seeds[:, 1] = seeds[[i * o.group_size for i in image_of], 1]
-        elif o.render_noise == "fixed":  # one draw per image slot, independent of the step
-            fixed = torch.randint(2**31 - 1, (o.images_per_step,), generator=torch.Generator().manual_seed(o.seed))
+        image_of = [i // opts.group_size for i in range(n_caps)]
+        if opts.render_noise == "group":  # every caption of an image renders from its group's first draw
+            seeds[:, 1] = seeds[[i * opts.group_size for i in image_of], 1]
+        elif opts.render_noise == "fixed":  # one draw per image slot, independent of the step
+            fixed = torch.randint(2**31 - 1, (opts.images_per_step,),
+                                  generator=torch.Generator().manual_seed(opts.seed))
             seeds[:, 1] = fixed[image_of]
-        seeds, image_of = seeds[mine].tolist(), image_of[mine]
+        seeds, image_of = seeds[my_share].tolist(), image_of[my_share]
 
         # 1. Sample this rank's captions as one batch (`sample_captions`) and 2. render them as one batch with the
         #    frozen decoder (`render_captions`), scored against their sources.
-        tokens, masks, texts, inputs = sample_captions(uae, images, image_of, [s for s, _ in seeds], o)
+        tokens, masks, texts, inputs = sample_captions(uae, images, image_of, [s for s, _ in seeds], opts)
         with torch.no_grad():
-            recon = render_captions(uae, texts, [s for _, s in seeds], o)
-            rewards = group_rewards(reward_fn, images, image_of, recon, o.size)
+            recon = render_captions(uae, texts, [s for _, s in seeds], opts)
+            rewards = group_rewards(reward_fn, images, image_of, recon, opts.size)
         all_rewards = all_gather_cat(rewards.float())
-        advantages = group_advantages(all_rewards, o.group_size, clip=o.adv_clip)
-        if o.group_size > 1:
-            warn_zero_advantages(step, advantages, d.is_main)
-        advantages = advantages[mine]
+        advantages = group_advantages(all_rewards, opts.group_size, clip=opts.adv_clip)
+        if opts.group_size > 1:
+            warn_zero_advantages(step, advantages, dist_env.is_main)
+        advantages = advantages[my_share]
 
         # 3. The clipped objective (`policy_loss`) and one optimizer step.
         opt.zero_grad(set_to_none=True)
-        loss, st = policy_loss(uae, inputs, tokens, masks, advantages, o)
+        loss, loss_stats = policy_loss(uae, inputs, tokens, masks, advantages, opts)
         loss.backward()
         average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
-        step_stats = reduce_stats([{"loss": loss.detach(), **st}])  # over ranks: every rank skips alike
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
+        step_stats = reduce_stats([{"loss": loss.detach(), **loss_stats}])  # over ranks: every rank skips alike
         if guard.bad(step, loss=step_stats["loss"], reward=all_rewards, grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
@@ -228,13 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
                    "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
                    "caption_len": float(lengths.mean()), **step_stats}
         log.log(step, metrics)
-        if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
+        if step % opts.save_every == 0 or step == opts.steps:
+            state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
                      "rng": rng_state()}
-            if d.is_main:
-                save_run_checkpoint(o, step, state, uae, stage="grpo_encoder", trains=("lvlm_adapter",),
+            if dist_env.is_main:
+                save_run_checkpoint(opts, step, state, uae, stage="grpo_encoder", trains=("lvlm_adapter",),
                                     inherited=inherited)
-    finish_run(o, log)
+    finish_run(opts, log)
     return metrics
 
 

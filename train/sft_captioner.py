@@ -122,15 +122,15 @@ def read_texts(path: str) -> list[str]:
     return texts
 
 
-def text_loss(uae, texts: list[str], mine: slice, n_world: int) -> torch.Tensor:
+def text_loss(uae, texts: list[str], my_share: slice, n_world: int) -> torch.Tensor:
     """This rank's share of L_text over the global batch `texts`, times the world size (as the caption loss). Every
     chat token after the first is a target; pads are not. Every rank tokenises the whole batch: its token count is
     the mean's denominator."""
     ids, mask = uae.generate_turn_ids(texts)  # right-padded to the global batch's longest chat
     targets, valid = ids[:, 1:], mask[:, 1:].bool()
-    hidden = uae.lvlm.forward_hidden(ids[mine], attention_mask=mask[mine], pad_states=False)
-    logp = uae.lvlm.token_logprobs(hidden[:, :-1], targets[mine])
-    return -logp[valid[mine]].sum() * (n_world / int(valid.sum()))
+    hidden = uae.lvlm.forward_hidden(ids[my_share], attention_mask=mask[my_share], pad_states=False)
+    logp = uae.lvlm.token_logprobs(hidden[:, :-1], targets[my_share])
+    return -logp[valid[my_share]].sum() * (n_world / int(valid.sum()))
 
 
 def caption_targets(processor, caption: str) -> torch.Tensor:
@@ -149,18 +149,18 @@ def caption_targets(processor, caption: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    d = init_distributed(o.device)
-    dtype = parse_dtype(o.dtype)
-    mine = split_for_rank(o.batch_size, d, "batch_size")
-    prompt = caption_prompt(o.prompt)
+    opts = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    dist_env = init_distributed(opts.device)
+    dtype = parse_dtype(opts.dtype)
+    my_share = split_for_rank(opts.batch_size, dist_env, "batch_size")
+    prompt = caption_prompt(opts.prompt)
 
-    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
-    uae, inherited = build_uae(o, dtype, d.device, folder)
-    uae.lvlm.fused_logprobs = o.logprob == "fused"
-    if o.lora_rank > 0:
+    folder, state = open_run_folder(opts, RESUME_KEYS, dist_env.is_main)
+    uae, inherited = build_uae(opts, dtype, dist_env.device, folder)
+    uae.lvlm.fused_logprobs = opts.logprob == "fused"
+    if opts.lora_rank > 0:
         # Adapters on the text decoder only (the vision tower's MLP shares the projection names), trained in fp32.
-        apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha,
+        apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=opts.lora_rank, alpha=opts.lora_alpha,
                    init="gaussian")
         params = lora_parameters(uae.lvlm)
         for p in params:
@@ -169,68 +169,68 @@ def main(argv: list[str] | None = None) -> dict:
         unwrap_lora(uae.lvlm, merge=True)  # every LVLM weight trains: the adapters below become part of them
         uae.lvlm.requires_grad_(True)
         params = list(uae.lvlm.parameters())  # a tied LM head is the embedding: listed once
-    uae.lvlm.gradient_checkpointing = o.grad_checkpointing
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    uae.lvlm.gradient_checkpointing = opts.grad_checkpointing
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
-    dataset = build_dataset(o, need_caption=True)
-    sampler = ResumableSampler(dataset, seed=o.seed)
-    texts = read_texts(o.text_data) if o.text_data else None
-    text_sampler = ResumableSampler(texts, seed=o.seed + 1) if texts else None
-    text_mine = split_for_rank(o.text_batch_size, d, "text_batch_size") if texts else None
-    if state is not None and o.lora_rank > 0:  # full LVLM weights came back with the checkpoint's model/ (build_uae)
+    dataset = build_dataset(opts, need_caption=True)
+    sampler = ResumableSampler(dataset, seed=opts.seed)
+    texts = read_texts(opts.text_data) if opts.text_data else None
+    text_sampler = ResumableSampler(texts, seed=opts.seed + 1) if texts else None
+    text_share = split_for_rank(opts.text_batch_size, dist_env, "text_batch_size") if texts else None
+    if state is not None and opts.lora_rank > 0:  # full LVLM weights came back with the checkpoint's model/ (build_uae)
         load_lora(uae.lvlm, trained_adapter(folder, "lvlm"))
-    start = resume_loop(state, opt, sampler, o, d.is_main)
+    start = resume_loop(state, opt, sampler, opts, dist_env.is_main)
     if state is not None and text_sampler is not None:
         text_sampler.state = SamplerState(**state["text_sampler"])
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
-    guard = NonFiniteGuard(o.max_bad_steps)
+    log = MetricsLogger(os.path.join(opts.out, "metrics.jsonl"), opts.steps, dist_env.is_main, start_step=start)
+    guard = NonFiniteGuard(opts.max_bad_steps)
     pad = uae.processor.pad_token_id
     metrics: dict = {}
 
-    for step in range(start + 1, o.steps + 1):
-        pairs = sampler.next_batch(o.batch_size)
+    for step in range(start + 1, opts.steps + 1):
+        pairs = sampler.next_batch(opts.batch_size)
         # Every rank tokenises the whole global batch: its token count normalises the loss, its longest caption sets
         # the padding.
         targets = [caption_targets(uae.processor, caption) for _, caption in pairs]
         n_tokens, n_max = sum(len(t) for t in targets), max(len(t) for t in targets)
-        tokens = torch.stack([torch.nn.functional.pad(t, (0, n_max - len(t)), value=pad) for t in targets[mine]])
-        mask = torch.stack([torch.arange(n_max) < len(t) for t in targets[mine]])
-        tokens, mask = tokens.to(d.device), mask.to(d.device)
-        inputs = uae.caption_inputs([image for image, _ in pairs[mine]], prompt)
+        tokens = torch.stack([torch.nn.functional.pad(t, (0, n_max - len(t)), value=pad) for t in targets[my_share]])
+        mask = torch.stack([torch.arange(n_max) < len(t) for t in targets[my_share]])
+        tokens, mask = tokens.to(dist_env.device), mask.to(dist_env.device)
+        inputs = uae.caption_inputs([image for image, _ in pairs[my_share]], prompt)
 
         opt.zero_grad(set_to_none=True)
         hidden = uae.caption_hidden(inputs, tokens, mask)
         logp = uae.lvlm.token_logprobs(hidden, tokens)
         # This rank's tokens' share of the global token mean, times the world size: average_gradients divides the
         # summed gradients by it (and reduce_stats the logged values), leaving the gradient of the global mean.
-        share = d.world / n_tokens
+        share = dist_env.world / n_tokens
         loss = -logp[mask].sum() * share
         stats = {"loss": loss.detach()}
         if text_sampler is not None:
-            text = text_loss(uae, text_sampler.next_batch(o.text_batch_size), text_mine, d.world)
-            loss = loss + o.text_weight * text
+            text = text_loss(uae, text_sampler.next_batch(opts.text_batch_size), text_share, dist_env.world)
+            loss = loss + opts.text_weight * text
             stats = {"loss": loss.detach(), "caption_loss": stats["loss"], "text_loss": text.detach()}
         loss.backward()
         with torch.no_grad():  # the argmax needs the logits: once, without their gradient
             hits = (uae.lvlm.lm_head(hidden.detach()).argmax(-1) == tokens) & mask
         average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
         step_stats = reduce_stats([{**stats, "token_acc": hits.sum() * share}])  # global means
         if guard.bad(step, loss=step_stats["loss"], grad_norm=grad_norm):
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {**step_stats, "caption_tokens": n_tokens / o.batch_size, "grad_norm": float(grad_norm)}
+        metrics = {**step_stats, "caption_tokens": n_tokens / opts.batch_size, "grad_norm": float(grad_norm)}
         log.log(step, metrics)
-        if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
+        if step % opts.save_every == 0 or step == opts.steps:
+            state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
                      "rng": rng_state()}
             if text_sampler is not None:
                 state["text_sampler"] = asdict(text_sampler.state)
-            if d.is_main:
-                trains = ("lvlm_adapter",) if o.lora_rank > 0 else ("lvlm_weights",)
-                save_run_checkpoint(o, step, state, uae, stage="sft_captioner", trains=trains, inherited=inherited)
-    finish_run(o, log)
+            if dist_env.is_main:
+                trains = ("lvlm_adapter",) if opts.lora_rank > 0 else ("lvlm_weights",)
+                save_run_checkpoint(opts, step, state, uae, stage="sft_captioner", trains=trains, inherited=inherited)
+    finish_run(opts, log)
     return metrics
 
 

@@ -102,11 +102,11 @@ RESUME_KEYS = BASE_KEYS + ("data", "batch_size", "size", "lora_rank", "lora_alph
                            "seed")
 
 
-def sample_sigmas(n: int, o: Options, shift: float, generator: torch.Generator) -> torch.Tensor:
+def sample_sigmas(n: int, opts: Options, shift: float, generator: torch.Generator) -> torch.Tensor:
     """Training sigmas: u from the weighting scheme's density, index floor(u * 1000) into SD3's shifted training
     schedule sigma_i = s_i * shift / (1 + (shift - 1) s_i), s_i = (1000 - i) / 1000."""
-    if o.weighting == "logit_normal":
-        u = torch.sigmoid(torch.randn(n, generator=generator) * o.logit_std + o.logit_mean)
+    if opts.weighting == "logit_normal":
+        u = torch.sigmoid(torch.randn(n, generator=generator) * opts.logit_std + opts.logit_mean)
     else:
         u = torch.rand(n, generator=generator)
     s = (1000 - (u * 1000).long().clamp(max=999)).float() / 1000
@@ -122,97 +122,98 @@ def loss_weight(sigmas: torch.Tensor, scheme: str) -> torch.Tensor:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    o = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
-    d = init_distributed(o.device)
-    dtype = parse_dtype(o.dtype)
-    mine = split_for_rank(o.batch_size, d, "batch_size")
+    opts = parse_options(Options, argv, description=__doc__.split("\n\n")[0])
+    dist_env = init_distributed(opts.device)
+    dtype = parse_dtype(opts.dtype)
+    my_share = split_for_rank(opts.batch_size, dist_env, "batch_size")
 
-    folder, state = open_run_folder(o, RESUME_KEYS, d.is_main)
-    uae, inherited = build_uae(o, dtype, d.device, folder)
-    if o.lora_rank > 0:
-        apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=o.lora_rank, alpha=o.lora_alpha, init="gaussian")
+    folder, state = open_run_folder(opts, RESUME_KEYS, dist_env.is_main)
+    uae, inherited = build_uae(opts, dtype, dist_env.device, folder)
+    if opts.lora_rank > 0:
+        apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=opts.lora_rank, alpha=opts.lora_alpha, init="gaussian")
         params = lora_parameters(uae.dit)
     else:
         unwrap_lora(uae.dit, merge=True)  # every DiT weight trains: the adapters below become part of them
         uae.dit.requires_grad_(True)
         params = list(uae.dit.parameters())
-    if o.train_connector:
+    if opts.train_connector:
         uae.connector.requires_grad_(True)
         params += list(uae.connector.parameters())
-    if dtype == torch.float32 or o.lora_rank > 0:
+    if dtype == torch.float32 or opts.lora_rank > 0:
         for p in params:
             p.data = p.data.float()
-    uae.dit.gradient_checkpointing = o.grad_checkpointing
+    uae.dit.gradient_checkpointing = opts.grad_checkpointing
     # What full-parameter training trains, under one module so FSDP2 state dicts get stable names.
-    trained = torch.nn.ModuleDict({"dit": uae.dit, **({"connector": uae.connector} if o.train_connector else {})})
-    if o.fsdp:
+    trained = torch.nn.ModuleDict({"dit": uae.dit, **({"connector": uae.connector} if opts.train_connector else {})})
+    if opts.fsdp:
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
-        mesh = init_device_mesh(d.device.type, (d.world,))
+        mesh = init_device_mesh(dist_env.device.type, (dist_env.world,))
         for block in uae.dit.transformer_blocks:
             fully_shard(block, mesh=mesh)
         fully_shard(uae.dit, mesh=mesh)
-        if o.train_connector:  # sharded too, so FSDP reduces its gradients and every parameter is a DTensor
+        if opts.train_connector:  # sharded too, so FSDP reduces its gradients and every parameter is a DTensor
             fully_shard(uae.connector, mesh=mesh)
         params = list(trained.parameters())
-    opt = torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+    opt = torch.optim.AdamW(params, lr=opts.lr, weight_decay=opts.weight_decay)
 
-    dataset = build_dataset(o, need_caption=True)
-    buckets = parse_buckets(o.buckets, o.size)
-    if state is not None and state["options"].get("buckets", "") != o.buckets:
+    dataset = build_dataset(opts, need_caption=True)
+    buckets = parse_buckets(opts.buckets, opts.size)
+    if state is not None and state["options"].get("buckets", "") != opts.buckets:
         raise UsageError(f"cannot resume from {folder}: it was written with --buckets "
-                         f"{state['options'].get('buckets', '')!r}, this run has {o.buckets!r}")
+                         f"{state['options'].get('buckets', '')!r}, this run has {opts.buckets!r}")
     bucket_of = None
-    if o.cache_latents:
-        cache = latent_cache.open_or_build(o.cache_latents, uae.vae, dataset, o.size, dtype, d.rank, d.world,
-                                           d.device, max(1, o.batch_size // d.world), o.workers, buckets)
+    if opts.cache_latents:
+        cache = latent_cache.open_or_build(opts.cache_latents, uae.vae, dataset, opts.size, dtype, dist_env.rank,
+                                           dist_env.world, dist_env.device, max(1, opts.batch_size // dist_env.world),
+                                           opts.workers, buckets)
         fetch, bucket_of = latent_cache.CachedLatents(cache, dataset), cache.bucket_of
     elif buckets:
-        bucket_of = assign_buckets(dataset, buckets, d.rank, d.world, o.workers)
-    if not o.cache_latents:
-        fetch = ImageTensors(dataset, o.size, bucket_of, buckets)
+        bucket_of = assign_buckets(dataset, buckets, dist_env.rank, dist_env.world, opts.workers)
+    if not opts.cache_latents:
+        fetch = ImageTensors(dataset, opts.size, bucket_of, buckets)
     if buckets:
-        sampler = BucketSampler(dataset, bucket_of, len(buckets), seed=o.seed)
-        loader = BucketLoader(sampler, o.batch_size, mine, fetch, workers=o.workers, device=d.device)
+        sampler = BucketSampler(dataset, bucket_of, len(buckets), seed=opts.seed)
+        loader = BucketLoader(sampler, opts.batch_size, my_share, fetch, workers=opts.workers, device=dist_env.device)
     else:
-        sampler = ResumableSampler(dataset, seed=o.seed)
-        loader = BatchLoader(sampler, o.batch_size, mine, fetch, workers=o.workers, device=d.device)
-    if state is not None and o.lora_rank > 0:  # trained DiT weights and connector came back with model/ (build_uae)
+        sampler = ResumableSampler(dataset, seed=opts.seed)
+        loader = BatchLoader(sampler, opts.batch_size, my_share, fetch, workers=opts.workers, device=dist_env.device)
+    if state is not None and opts.lora_rank > 0:  # trained DiT weights and connector came back with model/ (build_uae)
         load_lora(uae.dit, trained_adapter(folder, "dit"))
 
     def load_full_optimizer_state(optim_state: dict) -> None:  # FSDP: a full state, resharded onto this run's ranks
         set_optimizer_state_dict(trained, opt, optim_state_dict=optim_state,
                                  options=StateDictOptions(full_state_dict=True))
 
-    start = resume_loop(state, opt, sampler, o, d.is_main, load_full_optimizer_state if o.fsdp else None)
-    log = MetricsLogger(os.path.join(o.out, "metrics.jsonl"), o.steps, d.is_main, start_step=start)
-    guard = NonFiniteGuard(o.max_bad_steps)
+    start = resume_loop(state, opt, sampler, opts, dist_env.is_main, load_full_optimizer_state if opts.fsdp else None)
+    log = MetricsLogger(os.path.join(opts.out, "metrics.jsonl"), opts.steps, dist_env.is_main, start_step=start)
+    guard = NonFiniteGuard(opts.max_bad_steps)
     metrics: dict = {}
 
-    for step in range(start + 1, o.steps + 1):
-        gen = step_generator(o.seed, step)
-        width = height = o.size
+    for step in range(start + 1, opts.steps + 1):
+        gen = step_generator(opts.seed, step)
+        width = height = opts.size
         if buckets:
             bucket, pairs = loader.next_batch()  # this rank's share, one bucket for the global batch
             width, height = buckets[bucket]
         else:
             pairs = loader.next_batch()
-        latent_shape = uae.latent_shape(o.batch_size, height, width)
-        noise = torch.randn(latent_shape, generator=gen)[mine].to(d.device)
-        sigmas = sample_sigmas(o.batch_size, o, uae.settings.shift, gen)[mine].to(d.device)
-        eps = torch.randn(latent_shape, generator=gen)[mine].to(d.device)  # the posterior sample's
+        latent_shape = uae.latent_shape(opts.batch_size, height, width)
+        noise = torch.randn(latent_shape, generator=gen)[my_share].to(dist_env.device)
+        sigmas = sample_sigmas(opts.batch_size, opts, uae.settings.shift, gen)[my_share].to(dist_env.device)
+        eps = torch.randn(latent_shape, generator=gen)[my_share].to(dist_env.device)  # the posterior sample's
         captions = [c for _, c in pairs]
 
         with torch.no_grad():
-            if o.cache_latents:
-                mean = torch.stack([m for (m, _), _ in pairs]).to(d.device)
-                std = torch.stack([s for (_, s), _ in pairs]).to(d.device)
+            if opts.cache_latents:
+                mean = torch.stack([m for (m, _), _ in pairs]).to(dist_env.device)
+                std = torch.stack([s for (_, s), _ in pairs]).to(dist_env.device)
             else:
-                images = ImageTensors.to_unit_range(torch.stack([im for im, _ in pairs])).to(d.device, dtype)
+                images = ImageTensors.to_unit_range(torch.stack([im for im, _ in pairs])).to(dist_env.device, dtype)
                 mean, logvar = uae.vae.encode_dist(images)
                 std = torch.exp(0.5 * logvar.float()).to(mean.dtype)
-            z = (mean.float() + std.float() * eps) if o.latent_sample else mean.float()
+            z = (mean.float() + std.float() * eps) if opts.latent_sample else mean.float()
             x0 = uae.vae.to_model_latents(z)
         s = sigmas.view(-1, 1, 1, 1)
         x_t = (1 - s) * x0 + s * noise
@@ -221,11 +222,11 @@ def main(argv: list[str] | None = None) -> dict:
         opt.zero_grad(set_to_none=True)
         pred = uae.velocity_fn(context)(x_t, sigmas * 1000)
         per_sample = ((pred - target) ** 2).flatten(1).mean(1)
-        loss = (loss_weight(sigmas, o.weighting) * per_sample).mean()
+        loss = (loss_weight(sigmas, opts.weighting) * per_sample).mean()
         loss.backward()
-        if not o.fsdp:  # FSDP2 reduce-scatters gradients itself
+        if not opts.fsdp:  # FSDP2 reduce-scatters gradients itself
             average_gradients(params)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, o.grad_clip)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, opts.grad_clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2: a replicated DTensor
             grad_norm = grad_norm.full_tensor()
         step_stats = reduce_stats([{"loss": loss.detach(), "sigma_mean": sigmas.mean()}])  # global means
@@ -235,25 +236,25 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
         metrics = {**step_stats, "grad_norm": float(grad_norm), **({"bucket": f"{width}x{height}"} if buckets else {})}
         log.log(step, metrics)
-        if step % o.save_every == 0 or step == o.steps:
-            state = {"options": asdict(o), "rng": rng_state(),
+        if step % opts.save_every == 0 or step == opts.steps:
+            state = {"options": asdict(opts), "rng": rng_state(),
                      "sampler": sampler.state_dict() if buckets else asdict(sampler.state)}
-            trains = ("dit_adapter" if o.lora_rank > 0 else "dit_weights",) + (
-                ("connector",) if o.train_connector else ())
+            trains = ("dit_adapter" if opts.lora_rank > 0 else "dit_weights",) + (
+                ("connector",) if opts.train_connector else ())
             full = {}
-            if o.fsdp:  # gathering the full state dicts is a collective: every rank takes part, rank 0 writes
+            if opts.fsdp:  # gathering the full state dicts is a collective: every rank takes part, rank 0 writes
                 model_sd, optim_sd = get_state_dict(trained, opt, options=StateDictOptions(full_state_dict=True,
                                                                                            cpu_offload=True))
                 state["optimizer"] = optim_sd
                 full = {"dit_state": _sub(model_sd, "dit."),
-                        "connector_state": _sub(model_sd, "connector.") if o.train_connector else None}
+                        "connector_state": _sub(model_sd, "connector.") if opts.train_connector else None}
             else:
                 state["optimizer"] = opt.state_dict()
-            if d.is_main:
-                save_run_checkpoint(o, step, state, uae, stage="sft_decoder", trains=trains, inherited=inherited,
+            if dist_env.is_main:
+                save_run_checkpoint(opts, step, state, uae, stage="sft_decoder", trains=trains, inherited=inherited,
                                     **full)
     loader.close()
-    finish_run(o, log)
+    finish_run(opts, log)
     return metrics
 
 
