@@ -9,7 +9,8 @@ and recall against the true scene are exact. The world's models are trained here
 saved in the official layouts (train/world_models.py): a VAE (autoencoder), a CLIP trained contrastively (the frozen
 reward and benchmark backbone), a byte-level BPE tokenizer with the Qwen chat tokens, then a captioner
 (train/sft_captioner.py, full-parameter, on a MIX of detail levels, so the starting policy sometimes says more, with
-its text objective on the world's echo texts, so that the LM's last states keep what a caption says) and a decoder (train/sft_decoder.py, full-parameter, on full-detail captions). The result is the pipeline's start.
+its text objective on the world's echo texts, so that the LM's last states keep what a caption says) and a decoder
+(train/sft_decoder.py, full-parameter, on full-detail captions). The result is the pipeline's start.
 
 The pipeline, per seed, with the same scripts as the real models: cold start -> GRPO on the captioner -> Flow-GRPO
 on the decoder; plus two stage-2 controls on the first seed (lr 0: must stay flat; token_mean loss normalisation:
