@@ -57,11 +57,12 @@ def steps(args) -> list[tuple[str, list[str], float]]:
                                                                               "--attention", both], 150)]
     # Stage 2 sequential vs batched (Qwen2.5-VL-3B + SD3.5-medium at 512 px on a GPU), the decode as CUDA graphs.
     out.append(("grpo_encoder_step", py("grpo_encoder_step.py") + ([] if args.smoke else ["--cuda-graph"]), 240))
+    # Decoder SFT: the data path (JPEG decode + resize in 0 / 2 / 8 loader workers) against the model step; ahead of
+    # SD3.5-large, the step a short budget drops first.
+    out.append(("data_path", py("data_path.py") + ([] if args.smoke else ["--workers", "0,2,8"]), 240))
     if not args.smoke:  # (--smoke runs the tiny DiT whatever the preset)
         out.append(("grpo_decoder_step sd3.5-large", py("grpo_decoder_step.py") + [
             "--presets", "sd3.5-large", "--attention", "sdpa" if args.quick else both], 200))
-    # Decoder SFT: the data path (JPEG decode + resize in 0 / 2 / 8 loader workers) against the model step.
-    out.append(("data_path", py("data_path.py") + ([] if args.smoke else ["--workers", "0,2,8"]), 240))
 
     if args.only:
         keep = args.only.split(",")
