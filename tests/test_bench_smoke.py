@@ -105,7 +105,7 @@ def test_full_run_plan_and_time_budget(tmp_path):
     assert all(t in plan[0][1] for t in run_all.TESTS)
     assert plan[-1][1][-3:] == ["sd3.5-large", "--attention", "sdpa,triton"]
     quick = run_all.steps(args(quick=True))
-    assert all("--quick" in argv for n, argv, _ in quick if n != "tests") and quick[-1][1][-1] == "sdpa""
+    assert all("--quick" in argv for n, argv, _ in quick if n != "tests") and quick[-1][1][-1] == "sdpa"
     assert [n for n, _, _ in run_all.steps(args(only="logprob,grpo"))] == [
         "logprob", "grpo_decoder_step sd3.5-medium", "grpo_encoder_step", "grpo_decoder_step sd3.5-large"]
 
