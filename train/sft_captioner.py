@@ -21,7 +21,7 @@ the LM loss, mixed in at --text-weight (its own token mean, over --text-batch-si
 The decoder is conditioned on the LM's last hidden states over a text. A pretrained LVLM's states keep what the text
 said (its text pretraining); an LM trained only to caption images has no reason to, and the toy world's (a 4-layer LM
 trained from scratch) loses the content words there, so a decoder conditioned on it cannot learn to follow captions.
-The text objective is the stand-in for that pretraining (the toy world's corpus: eval/toy_world.py).
+The text objective is the stand-in for that pretraining (the toy world's corpus: train/world.py `write_echo_texts`).
 
 --lora-rank N > 0 trains a LoRA adapter on the LM (LLM_LORA_TARGETS, as GRPO on the captioner does) on top of any
 adapters the model carries; --lora-rank 0 trains every LVLM weight (vision tower, merger, LM: what a captioner learning
