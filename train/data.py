@@ -70,6 +70,9 @@ class ProceduralDataset:
 
     load = __getitem__
 
+    def caption(self, i: int) -> str:
+        return procedural_scene(i, self.size, self.seed)[1]
+
     def name(self, i: int) -> str:
         return f"procedural scene {i}"
 
@@ -203,21 +206,29 @@ class ImageCaptionDataset:
         h.update(repr(self.members).encode())
         return h.hexdigest()
 
+    def caption(self, i: int) -> str | None:
+        """Item `i`'s caption, without its image (tar shards: read from the shard, next to the image)."""
+        if not self.shards:
+            return self.items[i][1]
+        shard, _, _, text_at, text_size = self.members[i]
+        if text_size < 0:
+            return None
+        with open(self.shards[shard], "rb") as f:
+            f.seek(text_at)
+            return f.read(text_size).decode("utf-8", errors="replace").strip()
+
     def load(self, i: int) -> tuple[Image.Image, str | None]:
         """Item `i` decoded to RGB; OSError or ValueError (naming the item) when it cannot be."""
-        source, caption = self.items[i]
+        source = self.items[i][0]
         if not self.shards:
-            return load_rgb(source), caption
-        shard, image_at, image_size, text_at, text_size = self.members[i]
+            return load_rgb(source), self.caption(i)
+        shard, image_at, image_size, _, _ = self.members[i]
         with open(self.shards[shard], "rb") as f:
             f.seek(image_at)
             data = f.read(image_size)
-            if text_size >= 0:
-                f.seek(text_at)
-                caption = f.read(text_size).decode("utf-8", errors="replace").strip()
         if len(data) != image_size:
             raise ValueError(f"{source}: {len(data)} of {image_size} bytes (the shard changed since it was indexed)")
-        return to_rgb(decode_image(data, source)), caption
+        return to_rgb(decode_image(data, source)), self.caption(i)
 
     def image_size(self, i: int) -> tuple[int, int]:
         """(width, height) of item i as `load` returns it (EXIF orientation applied), from the header where it can."""
@@ -356,6 +367,14 @@ def _name(dataset, i: int) -> str:
     return dataset.name(i) if hasattr(dataset, "name") else f"item {i}"
 
 
+def _note_skipped(dataset, i: int, reason: str) -> None:
+    """Count item i as undecodable (the dataset's own count and warning where it keeps one), else warn."""
+    if hasattr(dataset, "note_skipped"):
+        dataset.note_skipped(i, reason)
+    else:
+        print(f"warning: skipping undecodable item {_name(dataset, i)} ({reason})", file=sys.stderr, flush=True)
+
+
 class _Fetching(torch.utils.data.Dataset):
     """fetch(i) in a worker, an undecodable item returned as its reason instead of raised, so one bad file neither
     kills the worker nor stalls the others; the main process counts it."""
@@ -426,33 +445,26 @@ class BatchLoader:
             return t.cpu()
         return flags
 
-    def _skip(self, i: int, reason: str) -> None:
-        ds = self.sampler.dataset
-        if hasattr(ds, "note_skipped"):
-            ds.note_skipped(i, reason)
-        else:
-            print(f"warning: skipping undecodable item {_name(ds, i)} ({reason})", file=sys.stderr, flush=True)
-
     def next_batch(self) -> list:
         """This rank's items of the next global batch (what fetch returned for each)."""
         expected = None if self._from is None else self.sampler.advanced(self._from, self._taken * self.n)
         if self._it is None or expected != self.sampler.state:  # first call, a resume, or after a failure
             self._restart()
         start = self.sampler.state
-        mine = {}  # stream offset -> fetched item, for this rank's slots
+        fetched = {}  # stream offset -> fetched item, for this rank's slots
         flags = torch.zeros(self.n, dtype=torch.int64)
         for slot in range(self.share.start, self.share.stop):
             i, item, reason = next(self._it)
             if reason is None:
-                mine[slot] = item
+                fetched[slot] = item
             else:
-                self._skip(i, reason)
+                _note_skipped(self.sampler.dataset, i, reason)
                 flags[slot] = 1
         self._taken += 1
         failed = self._failures(flags)
         if not failed.any():
             self.sampler.state = self.sampler.advanced(start, self.n)
-            return [mine[s] for s in range(self.share.start, self.share.stop)]
+            return [fetched[s] for s in range(self.share.start, self.share.stop)]
         bad = {s for s in range(self.n) if failed[s]}
         limit = max(4 * self.n, 2 * len(self.sampler.dataset))
         while True:  # rare: a failed item moves the later ones up and across ranks
@@ -460,13 +472,13 @@ class BatchLoader:
             flags = torch.zeros(self.n, dtype=torch.int64)
             for slot in range(self.share.start, self.share.stop):
                 s = offsets[slot]
-                if s not in mine:
+                if s not in fetched:
                     i = self.sampler.index_at(start, s)
                     _, item, reason = _Fetching(self.fetch)[i]
                     if reason is None:
-                        mine[s] = item
+                        fetched[s] = item
                     else:
-                        self._skip(i, reason)
+                        _note_skipped(self.sampler.dataset, i, reason)
                         flags[slot] = 1
             failed = self._failures(flags)
             if not failed.any():
@@ -476,7 +488,7 @@ class BatchLoader:
                 raise RuntimeError("too many undecodable images in a row; check the dataset")
         self.sampler.state = self.sampler.advanced(start, offsets[-1] + 1)
         self._from = None  # the workers fetched ahead for the old positions: restart at the next call
-        return [mine[offsets[slot]] for slot in range(self.share.start, self.share.stop)]
+        return [fetched[offsets[slot]] for slot in range(self.share.start, self.share.stop)]
 
 
 def pil_to_tensor(images: list[Image.Image], size: int) -> torch.Tensor:
@@ -556,14 +568,14 @@ def assign_buckets(dataset, buckets: list[tuple[int, int]], rank: int = 0, world
     image headers split across the ranks (every rank gets the whole list)."""
     import torch.distributed as dist
 
-    mine = list(range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(_Fetching(_BucketOf(dataset, buckets)), batch_size=None, sampler=mine,
+    my_items = list(range(rank, len(dataset), world))
+    loader = torch.utils.data.DataLoader(_Fetching(_BucketOf(dataset, buckets)), batch_size=None, sampler=my_items,
                                          num_workers=workers, collate_fn=_as_is)
     found = {}
     for i, bucket, reason in loader:
         found[i] = -1 if reason is not None else bucket
-        if reason is not None and hasattr(dataset, "note_skipped"):
-            dataset.note_skipped(i, reason)
+        if reason is not None:
+            _note_skipped(dataset, i, reason)
     parts = [found]
     if dist.is_initialized() and world > 1:
         parts = [None] * world
@@ -585,10 +597,7 @@ class _Subset:
         return _name(self.dataset, self.indices[j])
 
     def note_skipped(self, j: int, reason: str) -> None:
-        if hasattr(self.dataset, "note_skipped"):
-            self.dataset.note_skipped(self.indices[j], reason)
-        else:
-            print(f"warning: skipping undecodable item {self.name(j)} ({reason})", file=sys.stderr, flush=True)
+        _note_skipped(self.dataset, self.indices[j], reason)
 
     def load(self, j: int):
         return _load(self.dataset, self.indices[j])

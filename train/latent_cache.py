@@ -90,22 +90,7 @@ class CachedLatents:
 
     def __call__(self, i: int):
         mean_std = self.cache.posterior(i)
-        return mean_std, _caption(self.dataset, i)
-
-
-def _caption(dataset, i: int) -> str | None:
-    if getattr(dataset, "shards", None):  # tar shards: the caption lives next to the image
-        return None if dataset.members[i][4] < 0 else _shard_caption(dataset, i)
-    if hasattr(dataset, "items"):
-        return dataset.items[i][1]
-    return dataset[i][1]  # procedural scenes: the caption comes with the drawing
-
-
-def _shard_caption(dataset, i: int) -> str:
-    shard, _, _, at, size = dataset.members[i]
-    with open(dataset.shards[shard], "rb") as f:
-        f.seek(at)
-        return f.read(size).decode("utf-8", errors="replace").strip()
+        return mean_std, self.dataset.caption(i)
 
 
 def _check(index: dict, want: dict, folder: Path) -> None:

@@ -169,9 +169,9 @@ def main(argv: list[str] | None = None) -> dict:
                                            dist_env.world, dist_env.device, max(1, opts.batch_size // dist_env.world),
                                            opts.workers, buckets)
         fetch, bucket_of = latent_cache.CachedLatents(cache, dataset), cache.bucket_of
-    elif buckets:
-        bucket_of = assign_buckets(dataset, buckets, dist_env.rank, dist_env.world, opts.workers)
-    if not opts.cache_latents:
+    else:
+        if buckets:
+            bucket_of = assign_buckets(dataset, buckets, dist_env.rank, dist_env.world, opts.workers)
         fetch = ImageTensors(dataset, opts.size, bucket_of, buckets)
     if buckets:
         sampler = BucketSampler(dataset, bucket_of, len(buckets), seed=opts.seed)
