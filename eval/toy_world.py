@@ -351,31 +351,31 @@ def check_targets(rows: list[dict], controls: dict) -> list[dict]:
         [round(b["caption_len"] / max(a["caption_len"], 1e-9), 3) for a, b in p],
         p and all(b["caption_len"] >= 1.5 * a["caption_len"] for a, b in p))
     add("stage 2: reconstruction score", "up by > 3 standard errors of the per-image change on every seed",
-        [round((b["recon_score"] - a["recon_score"]) / _joint_err(a, b, ""), 2) for a, b in p],
-        p and all(b["recon_score"] - a["recon_score"] > 3 * _joint_err(a, b, "") for a, b in p))
+        [round((b["recon_score"] - a["recon_score"]) / _change_stderr(a, b, ""), 2) for a, b in p],
+        p and all(b["recon_score"] - a["recon_score"] > 3 * _change_stderr(a, b, "") for a, b in p))
     if "lr0" in controls:
         a, c = by.get(("cold_start", seeds[0])), controls["lr0"]
         moved = abs(c["recon_score"] - a["recon_score"]) if a else float("nan")
         add("stage 2 control lr 0: flat",
             "reconstruction score within 3 standard errors of the per-image change from the cold start",
-            round(moved / _joint_err(a, c, ""), 2) if a else None, a and moved <= 3 * _joint_err(a, c, ""))
+            round(moved / _change_stderr(a, c, ""), 2) if a else None, a and moved <= 3 * _change_stderr(a, c, ""))
     if "token_mean" in controls:
         a, c = by.get(("cold_start", seeds[0])), controls["token_mean"]
         add("stage 2 token_mean: rises", "reconstruction score up by > 3 standard errors of the per-image change",
-            round((c["recon_score"] - a["recon_score"]) / _joint_err(a, c, ""), 2) if a else None,
-            a and c["recon_score"] - a["recon_score"] > 3 * _joint_err(a, c, ""))
+            round((c["recon_score"] - a["recon_score"]) / _change_stderr(a, c, ""), 2) if a else None,
+            a and c["recon_score"] - a["recon_score"] > 3 * _change_stderr(a, c, ""))
     p = pairs("grpo_encoder", "grpo_decoder")
     add("stage 3: reconstruction score with fixed captions",
         "up by > 3 standard errors of the per-image change on every seed",
-        [round((b["recon_score_fixed"] - a["recon_score_fixed"]) / _joint_err(a, b, "_fixed"), 2) for a, b in p],
-        p and all(b["recon_score_fixed"] - a["recon_score_fixed"] > 3 * _joint_err(a, b, "_fixed") for a, b in p))
+        [round((b["recon_score_fixed"] - a["recon_score_fixed"]) / _change_stderr(a, b, "_fixed"), 2) for a, b in p],
+        p and all(b["recon_score_fixed"] - a["recon_score_fixed"] > 3 * _change_stderr(a, b, "_fixed") for a, b in p))
     add("stage 3: attribute accuracy", "up on every seed",
         [round(b["attribute_accuracy"] - a["attribute_accuracy"], 4) for a, b in p],
         p and all(b["attribute_accuracy"] > a["attribute_accuracy"] for a, b in p))
     return out
 
 
-def _joint_err(a: dict, b: dict, suffix: str) -> float:
+def _change_stderr(a: dict, b: dict, suffix: str) -> float:
     """The standard error of the change b - a of a reconstruction score. Every stage is scored on the same held-out
     scenes with the same render seeds, so where both rows hold their per-image scores it is the standard error of
     the per-image differences (a paired comparison: the scenes' own spread, the same in both rows, cancels); without

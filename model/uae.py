@@ -294,9 +294,9 @@ class UAE(nn.Module):
         through the connector, differentiable to the LVLM and connector.
 
         `inputs` are `caption_inputs(...)` (left-padded prompts with images) or `caption_rows(...)`;
-        `caption_ids/mask [B, N]` the caption
-        tokens (e.g. `GenerationOutput.new_tokens/mask`). Row i's context is the hidden states at its N caption
-        positions; positions after its caption are pad tokens, as with the right-padded generation path."""
+        `caption_ids/mask [B, N]` the caption tokens (e.g. `GenerationOutput.new_tokens/mask`). Row i's context is
+        the hidden states at its N caption positions; positions after its caption are pad tokens, as with the
+        right-padded generation path."""
         inputs = self._one_row_per_caption(inputs)
         ids = torch.cat([inputs["input_ids"], caption_ids], dim=1)
         mask = torch.cat([inputs["attention_mask"], caption_mask.long()], dim=1)

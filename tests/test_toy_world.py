@@ -85,9 +85,9 @@ def test_a_change_is_judged_against_the_per_image_change():
     after = [x + 0.1 + d for x, d in zip(before, (0.01, -0.01, 0.0, 0.005))]
     a, b = _row("cold_start", 0, mean(before), err=stderr(before)), _row("grpo_encoder", 0, mean(after),
                                                                         err=stderr(after))
-    assert toy_world._joint_err(a, b, "") > 0.1 / 3  # without the per-image scores: not 3 standard errors up
+    assert toy_world._change_stderr(a, b, "") > 0.1 / 3  # without the per-image scores: not 3 standard errors up
     a["recon_per_image"], b["recon_per_image"] = before, after
     diffs = [y - x for x, y in zip(before, after)]
-    assert toy_world._joint_err(a, b, "") == pytest.approx(stderr(diffs))
+    assert toy_world._change_stderr(a, b, "") == pytest.approx(stderr(diffs))
     met = {t["target"]: t for t in toy_world.check_targets([a, b], {})}["stage 2: reconstruction score"]
     assert met["met"] and met["measured"][0] == pytest.approx(mean(diffs) / stderr(diffs), abs=0.01)
