@@ -40,6 +40,22 @@ def test_quick_run_writes_the_report(quick_report):
                                                        "grpo_decoder"]
 
 
+def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
+    # The README's second command: train/grpo_decoder.py on the prepared world, from its start, with the held-out
+    # scenes evaluated before the first step and after the last.
+    import shlex
+
+    import train.grpo_decoder as gd
+
+    out, _ = quick_report
+    args = shlex.split((out / "world" / "train.args").read_text())
+    run = out / "main_job"
+    gd.main(args + ["--group-size", "2", "--steps", "1", "--lora-rank", "2", "--out", str(run)])
+    evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in evals] == [0, 1] and len(evals[0]["eval_rewards"]) == toy_world.QUICK.n_heldout
+    assert all(-1 <= x <= 1 for r in evals for x in r["eval_rewards"])
+
+
 def test_the_prepared_world_is_reused_and_never_mixed(quick_report, capsys):
     out, _ = quick_report
     world = out / "world"
@@ -67,13 +83,23 @@ def _row(stage, seed, recon, err=0.01, recall=0.5, length=10.0, fixed=0.5, acc=0
 def test_targets_are_judged_from_the_rows():
     rows = [_row("cold_start", 0, 0.80, recall=0.3, length=8), _row("grpo_encoder", 0, 0.90, recall=0.6, length=14),
             _row("grpo_decoder", 0, 0.91, fixed=0.7, acc=0.8)]
-    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.805)})}
+    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.805)}, floor=0.1)}
     assert met == {"stage 2: caption recall": True, "stage 2: caption length": True,
                    "stage 2: reconstruction score": True, "stage 2 control lr 0: flat": True,
-                   "stage 3: reconstruction score with fixed captions": True, "stage 3: attribute accuracy": True}
+                   "stage 3: reconstruction score with fixed captions": True, "stage 3: attribute accuracy": True,
+                   "benchmark: ceiling above and floor below every trained row": False}
+    # The ceiling of a row is its own decoder's score from the ground-truth captions (recon_score_fixed): the cold
+    # start's and stage 2's rows above have 0.5 there, below their own scores.
+    for r in rows:
+        r["recon_score_fixed"] = 0.95
+    bench = {t["target"]: t for t in toy_world.check_targets(rows, {}, floor=0.1)}[
+        "benchmark: ceiling above and floor below every trained row"]
+    assert bench["met"] and bench["measured"] == [pytest.approx(0.04), pytest.approx(0.7)]
+    assert not {t["target"]: t for t in toy_world.check_targets(rows, {}, floor=0.85)}[
+        "benchmark: ceiling above and floor below every trained row"]["met"]
     rows[1]["caption_len"] = 11.0  # 1.375x: missed, and said so
     rows[2]["attribute_accuracy"] = 0.5
-    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)})}
+    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)}, floor=0.1)}
     assert not met["stage 2: caption length"] and not met["stage 3: attribute accuracy"]
     assert not met["stage 2 control lr 0: flat"]
 

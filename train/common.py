@@ -308,14 +308,18 @@ def parse_dtype(name: str) -> torch.dtype:
 # ----------------------------------------------------------------------------------------------- metrics
 
 class MetricsLogger:
-    """One line per step to stdout (rank 0) and one JSON object per step to `path` (rank 0), with s/step and ETA."""
+    """One line per step to stdout (rank 0) and one JSON object per step to `path` (rank 0), with s/step and ETA
+    (`timed`; an evaluation log, `timed=False`, prints its lines after `label` instead). List values (per-image
+    scores) go to the file only."""
 
-    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, start_step: int = 0):
+    def __init__(self, path: str | Path | None, total_steps: int, is_main: bool = True, start_step: int = 0,
+                 timed: bool = True, label: str = "step"):
         """start_step > 0 (a resumed run): append to the existing file, first dropping rows logged after
         `start_step` (the checkpoint the run resumes from), so that it equals an uninterrupted run's file."""
         resume = start_step > 0
         self.total = total_steps
         self.is_main = is_main
+        self.timed, self.label = timed, label
         self.file = None
         if is_main and path is not None:
             path = Path(path)
@@ -334,13 +338,15 @@ class MetricsLogger:
         self.last = now
         if not self.is_main:
             return
-        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}, "s_per_step": round(sec, 4)}
+        row = {"step": step, **{k: _plain(v) for k, v in metrics.items()}}
+        if self.timed:
+            row["s_per_step"] = round(sec, 4)
         if self.file is not None:
             self.file.write(json.dumps(row) + "\n")
             self.file.flush()
-        eta = sec * max(self.total - step, 0)
-        shown = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "step")
-        print(f"step {step}/{self.total} {shown} eta {_duration(eta)}", flush=True)
+        shown = " ".join(f"{k} {_fmt(v)}" for k, v in row.items() if k != "step" and not isinstance(v, list))
+        eta = f" eta {_duration(sec * max(self.total - step, 0))}" if self.timed else ""
+        print(f"{self.label} {step}/{self.total} {shown}{eta}", flush=True)
 
     def close(self) -> None:
         if self.file is not None:

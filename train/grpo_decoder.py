@@ -31,12 +31,19 @@ Launch:
         --out runs/grpo_decoder
     # resume: the same command with --resume
 
+With --eval-data, the EMA adapter (what evaluation loads) is evaluated on held-out images before the first step and
+every --eval-every steps, as Flow-GRPO's eval_freq: the same images redrawn from the same noise by the ODE sampler,
+scored by the reward, written to eval.jsonl with the per-image scores and the paired gain since step 0, which shows
+a gain that the per-step rollout reward (new images every step) hides.
+
 One process and N processes give the same result for the same global batch: every random draw (data order, caption
 sampling, initial and per-step noise) is made in global order from seeded generators and sliced per rank, and the
 gradients are averaged over ranks (DDP's all-reduce, written out in `average_gradients`).
 """
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -97,6 +104,12 @@ class Options(RunOptions):
     ema_decay: float = option(0.95, "EMA decay of the adapters (for evaluation); 0 = off")
     caption_temperature: float = option(UAESettings.caption_temperature, "captioner sampling temperature (0 = greedy)")
     caption_tokens: int = option(0, "max caption tokens; 0 = the model's default")
+    eval_data: str = option("", "held-out image-caption data, evaluated before the first step and every --eval-every "
+                                "steps (Flow-GRPO's eval_freq): its first --eval-images items redrawn from fixed "
+                                "noise by the ODE sampler with the EMA adapter and scored by the reward, to "
+                                "eval.jsonl; empty = no evaluation")
+    eval_every: int = option(10, "steps between held-out evaluations")
+    eval_images: int = option(16, "held-out images per evaluation (divides across the processes)")
 
     def check(self) -> None:
         super().check()
@@ -118,6 +131,8 @@ class Options(RunOptions):
                 f"--caption-temperature must be >= 0, got {self.caption_temperature}")
         require(self.caption_tokens >= 0, f"--caption-tokens must be >= 0, got {self.caption_tokens}")
         require(any(t for t in self.lora_targets.split(",")), "--lora-targets names no module")
+        require(self.eval_every >= 1, f"--eval-every must be >= 1, got {self.eval_every}")
+        require(self.eval_images >= 1, f"--eval-images must be >= 1, got {self.eval_images}")
 
 
 # Options that must match to resume (the rest, e.g. --steps, may change).
@@ -148,6 +163,69 @@ def rollout(velocity_fn, noise: torch.Tensor, step_noise: torch.Tensor, sigmas: 
     return sample_sde_trajectory(velocity_fn, noise, sigmas, noise_level=opts.noise_level,
                                  guidance_scale=guidance_scale, sde_window=(sde_steps[0], sde_steps[-1] + 1),
                                  step_noise=step_noise)
+
+
+# Held-out image i is redrawn from the noise of seed EVAL_SEED + i at every evaluation (paired across steps).
+EVAL_SEED = 10_000
+
+
+def held_out_items(opts: Options) -> list:
+    """The first --eval-images decodable (image, caption) items of --eval-data, in file order."""
+    from train.data import ImageCaptionDataset
+
+    dataset = ImageCaptionDataset(opts.eval_data, need_caption=opts.dataset_captions)
+    items = []
+    for i in range(len(dataset)):
+        item = dataset[i]
+        if item is not None:
+            items.append(item)
+        if len(items) == opts.eval_images:
+            return items
+    raise UsageError(f"--eval-images {opts.eval_images}: --eval-data {opts.eval_data} holds only {len(items)} "
+                     "decodable items")
+
+
+@torch.no_grad()
+def evaluate(uae, reward_fn, items: list, opts: Options, dist_env) -> torch.Tensor:
+    """Per-image held-out rewards [len(items)] (every rank gets all): each image's caption (the dataset's with
+    --dataset-captions, else the frozen captioner's greedy one) redrawn alone by the ODE sampler from the noise of
+    seed EVAL_SEED + its index, so a score depends neither on the step nor on the process count, and scored against
+    the image. Each process draws its share."""
+    my_share = split_for_rank(len(items), dist_env, "--eval-images")
+    my_items = items[my_share]
+    images = [im for im, _ in my_items]
+    if opts.dataset_captions:
+        captions = [c for _, c in my_items]
+    else:
+        kw = {"max_new_tokens": opts.caption_tokens} if opts.caption_tokens else {}
+        captions = uae.caption(images, do_sample=False, **kw)
+    seeds = range(EVAL_SEED + my_share.start, EVAL_SEED + my_share.stop)
+    recon = torch.cat([uae.generate([c], opts.size, opts.size, opts.sample_steps, opts.guidance_scale,
+                                    torch.Generator().manual_seed(seed), output_type="tensor")
+                       for seed, c in zip(seeds, captions)])
+    rewards = group_rewards(reward_fn, images, list(range(len(images))), recon, opts.size)
+    return all_gather_cat(rewards.float())
+
+
+def eval_metrics(rewards: torch.Tensor, baseline: torch.Tensor | None) -> dict:
+    """Mean held-out reward and its standard error; with the step-0 rewards, the mean per-image gain since then and
+    the standard error of that paired change (the images and their noise are the same at every evaluation)."""
+    def stderr(x: torch.Tensor) -> float:
+        return float(x.std() / len(x) ** 0.5) if len(x) > 1 else float("nan")
+
+    out = {"eval_reward": float(rewards.mean()), "eval_reward_stderr": stderr(rewards)}
+    if baseline is not None and len(baseline) == len(rewards):
+        out |= {"eval_gain": float((rewards - baseline).mean()), "eval_gain_stderr": stderr(rewards - baseline)}
+    return out | {"eval_rewards": [float(r) for r in rewards]}
+
+
+def step_zero_rewards(path: str) -> torch.Tensor | None:
+    """The per-image rewards of the step-0 evaluation in an eval.jsonl, if it holds one."""
+    if not os.path.isfile(path):
+        return None
+    with open(path) as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    return next((torch.tensor(r["eval_rewards"]) for r in rows if r.get("step") == 0 and "eval_rewards" in r), None)
 
 
 def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advantages: torch.Tensor, opts: Options,
@@ -208,6 +286,24 @@ def main(argv: list[str] | None = None) -> dict:
     sigmas = flow_sigmas(opts.sample_steps, shift=uae.settings.shift).to(dist_env.device)
     latent_shape = uae.latent_shape(1, opts.size, opts.size)[1:]
     metrics: dict = {}
+    eval_items = held_out_items(opts) if opts.eval_data else []
+    eval_log = MetricsLogger(os.path.join(opts.out, "eval.jsonl"), opts.steps, dist_env.is_main, start_step=start,
+                             timed=False, label="eval step") if eval_items else None
+    baseline = None
+
+    def run_eval(step: int) -> None:
+        nonlocal baseline
+        with ema.swap() if ema is not None else contextlib.nullcontext():
+            rewards = evaluate(uae, reward_fn, eval_items, opts, dist_env)
+        if step == 0:
+            baseline = rewards
+        eval_log.log(step, eval_metrics(rewards, baseline))
+
+    if eval_items:
+        if start == 0:
+            run_eval(0)
+        else:  # a resumed run measures its gains from the step-0 evaluation it logged
+            baseline = step_zero_rewards(os.path.join(opts.out, "eval.jsonl"))
 
     for step in range(start + 1, opts.steps + 1):
         # Every rank draws the same global randomness, then keeps its slice of trajectories.
@@ -278,6 +374,8 @@ def main(argv: list[str] | None = None) -> dict:
                    "reward_std": float(all_rewards.std(unbiased=False)),
                    "grad_norm": sum(grad_norms) / len(grad_norms), **step_stats}
         log.log(step, metrics)
+        if eval_items and (step % opts.eval_every == 0 or step == opts.steps):
+            run_eval(step)
 
         if step % opts.save_every == 0 or step == opts.steps:
             state = {"options": asdict(opts), "optimizer": opt.state_dict(), "ema": ema.state_dict() if ema else None,
@@ -285,6 +383,8 @@ def main(argv: list[str] | None = None) -> dict:
             if dist_env.is_main:  # the EMA adapter is what evaluation loads (Flow-GRPO evaluates the EMA)
                 save_run_checkpoint(opts, step, state, uae, stage="grpo_decoder", trains=("dit_adapter",),
                                     inherited=inherited, dit_ema=ema.swap if ema is not None else None)
+    if eval_log is not None:
+        eval_log.close()
     finish_run(opts, log)
     return metrics
 
