@@ -325,7 +325,7 @@ class MetricsLogger:
             path = Path(path)
             path.parent.mkdir(parents=True, exist_ok=True)
             if resume and path.exists():
-                kept = [line for line, row in _read_rows(path) if row.get("step", 0) <= start_step]
+                kept = [line for line, row in read_metrics_rows(path) if row.get("step", 0) <= start_step]
                 tmp = path.with_name(path.name + f".tmp.{os.getpid()}")
                 tmp.write_text("".join(line + "\n" for line in kept))
                 os.replace(tmp, path)
@@ -353,9 +353,10 @@ class MetricsLogger:
             self.file.close()
 
 
-def _read_rows(path: Path) -> list[tuple[str, dict]]:
-    """The rows of a metrics file with their lines. A last line that is not valid JSON was torn by a run killed
-    mid-write and is dropped with a warning; a bad line elsewhere is an error naming it."""
+def read_metrics_rows(path: str | Path) -> list[tuple[str, dict]]:
+    """The rows of a metrics file (metrics.jsonl, eval.jsonl) with their lines. A last line that is not valid JSON
+    was torn by a run killed mid-write and is dropped with a warning; a bad line elsewhere is an error naming it."""
+    path = Path(path)
     lines = [line for line in path.read_text().splitlines() if line.strip()]
     out = []
     for i, line in enumerate(lines):

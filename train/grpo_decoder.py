@@ -43,7 +43,6 @@ gradients are averaged over ranks (DDP's all-reduce, written out in `average_gra
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import sys
 from dataclasses import asdict, dataclass
@@ -59,8 +58,8 @@ from model.uae import DIT_LORA_TARGETS, UAESettings
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, all_gather_cat,
                           average_gradients, build_dataset, build_reward, build_uae, condition_padded_over_ranks,
                           finish_run, finite, group_rewards, init_distributed, is_tiny, open_run_folder, option,
-                          parse_dtype, parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
-                          save_run_checkpoint, split_for_rank, step_generator, trained_adapter,
+                          parse_dtype, parse_options, read_metrics_rows, reduce_stats, require, resume_loop,
+                          rng_state, run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter,
                           warn_single_sample_groups, warn_zero_advantages)
 from train.data import ResumableSampler
 from train.rl import EMA, flow_grpo_loss, group_advantages
@@ -223,9 +222,8 @@ def step_zero_rewards(path: str) -> torch.Tensor | None:
     """The per-image rewards of the step-0 evaluation in an eval.jsonl, if it holds one."""
     if not os.path.isfile(path):
         return None
-    with open(path) as f:
-        rows = [json.loads(line) for line in f if line.strip()]
-    return next((torch.tensor(r["eval_rewards"]) for r in rows if r.get("step") == 0 and "eval_rewards" in r), None)
+    return next((torch.tensor(r["eval_rewards"]) for _, r in read_metrics_rows(path)
+                 if r.get("step") == 0 and "eval_rewards" in r), None)
 
 
 def train_minibatch(dit, velocity_fn, traj: Trajectory, idx: torch.Tensor, advantages: torch.Tensor, opts: Options,
