@@ -12,20 +12,22 @@ reward and benchmark backbone), a byte-level BPE tokenizer with the Qwen chat to
 its text objective on the world's echo texts, so that the LM's last states keep what a caption says) and a decoder
 (train/sft_decoder.py, full-parameter, on full-detail captions). The result is the pipeline's start.
 
-The pipeline, per seed, with the same scripts as the real models: cold start -> GRPO on the captioner -> Flow-GRPO
-on the decoder; plus two stage-2 controls on the first seed (lr 0: must stay flat; token_mean loss normalisation:
-must rise too, so the gain is not a length bias of the per-sequence mean). After every stage the model is evaluated
-on held-out scenes, Unified-Bench style: greedy caption -> regenerate -> cosine of the world CLIP's image features
-(recon_score, with its standard error over images; a change between stages is judged against the standard error of
-the per-image change, the scenes and render seeds being the same at every stage), caption length and attribute
-precision / recall / F1; and the decoder alone, from the ground-truth full captions: recon_score_fixed and
-attribute_accuracy (is each object's colour present in its cell of the generated image: a GenEval in miniature).
-Floor: the empty caption; ceiling: the ground-truth full caption, both through the start decoder and the last
-stage's (a seed's own ceiling is its last stage's recon_score_fixed).
+The pipeline, per seed, with the same scripts as the real models: cold start -> GRPO on the captioner (the decoder
+frozen, its text encoding included: --text-encoder frozen) -> Flow-GRPO on the decoder; plus two stage-2 controls
+on the first seed (lr 0: must stay flat; token_mean loss normalisation: must rise too, so the gain is not a length
+bias of the per-sequence mean). After every stage the model is evaluated on held-out scenes, Unified-Bench style:
+greedy caption -> regenerate -> cosine of the world CLIP's image features (recon_score, with its standard error
+over images; a change between stages is judged against the standard error of the per-image change, the scenes and
+render seeds being the same at every stage), caption length and attribute precision / recall / F1; and the decoder
+alone, from the ground-truth full captions: recon_score_fixed and attribute_accuracy (is each object's colour present
+in its cell of the generated image: a GenEval in miniature). Floor: the empty caption; ceiling: the ground-truth full
+caption, both through the start decoder and the last stage's (a seed's own ceiling is its last stage's
+recon_score_fixed).
 
 Writes DIR/report.json ({"stages": [...], "floor": ..., "ceiling": ..., "targets": ...}), DIR/report.html (tables,
 reward curves, source / reconstruction grids and captions before and after) and the runs under DIR/runs/. The world
-lives in DIR/world/ (or --world): reused when its recorded settings match, rebuilt with --rebuild, else an error.
+lives in DIR/world/ (or --world): reused when its recorded settings match (the held-out split is rewritten to the
+plan's count; no model depends on it), rebuilt with --rebuild, else an error.
 """
 from __future__ import annotations
 
@@ -55,7 +57,10 @@ class Plan:
     world_seed: int = 0
     seeds: tuple[int, ...] = (0, 1, 2)
     n_train: int = 4000
-    n_heldout: int = 64
+    # Held-out scenes of the evaluation (none is a train scene: train/world.py `is_heldout`); no model of the world
+    # depends on them, so a prepared world takes another count without a rebuild. 128: the standard error of a
+    # stage's per-image change is ~0.04 there, against stage 2's ~+0.1.
+    n_heldout: int = 128
     # Measured alone on a 2-core VM (2026-12-01): captioner SFT ~0.33 s/step (32 pairs + 16 texts), decoder SFT
     # ~0.3 s/step at batch 32, cold start ~0.9 s/step, GRPO on the captioner ~1 s/step (2 images x G 8, 40 tokens),
     # Flow-GRPO ~2.1 s/step (2 x 8, 8 steps, all 7 trained). Another 2-core VM (AMD EPYC) was ~2.5x slower
@@ -96,7 +101,7 @@ class Plan:
 
     def world_settings(self) -> dict:
         """What the prepared world depends on: a world prepared with other values is not this one."""
-        keys = ("world_seed", "n_train", "n_heldout", "captioner_steps", "captioner_batch", "captioner_lr",
+        keys = ("world_seed", "n_train", "captioner_steps", "captioner_batch", "captioner_lr",
                 "captioner_levels", "captioner_text_batch", "captioner_text_weight", "decoder_steps", "decoder_batch",
                 "decoder_lr", "quick_world")
         values = {k: getattr(self, k) for k in keys}
@@ -165,6 +170,7 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
         found = json.loads(marker.read_text())
         if found.get("settings") == settings:
             print(f"toy world: using the prepared world in {folder}", flush=True)
+            write_heldout(World(folder), plan)
             World(folder).write_train_args(plan)
             return World(folder)
         if not rebuild:
@@ -184,8 +190,7 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     world.write_split(folder / "data" / "train_mix", train, SIZE, levels=plan.captioner_levels, seed=plan.world_seed)
     world.write_split(folder / "data" / "train_full", train, SIZE, levels=world.LEVELS - 1, seed=plan.world_seed)
     world.write_echo_texts(folder / "data" / "text_echo.jsonl", train)
-    world.write_split(folder / "data" / "heldout", world.scenes("heldout", plan.n_heldout, plan.world_seed), SIZE,
-                      levels=world.LEVELS - 1, seed=plan.world_seed)
+    write_heldout(w, plan)
     times["data_s"] = time.perf_counter() - t
     print("toy world: training the VAE and the CLIP ...", flush=True)
     measured = world_models.prepare_base(w.base, plan.world_seed, quick=plan.quick_world)
@@ -208,6 +213,21 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     w.write_train_args(plan)
     write_json(marker, {"settings": settings, "measured": {**measured, **times}})
     return w
+
+
+def write_heldout(w: World, plan: Plan) -> None:
+    """The held-out split of `plan.n_heldout` scenes with their full-detail captions, (re)written unless the world
+    holds exactly those (a larger count extends a smaller one: train/world.py `scenes`)."""
+    from train import world
+
+    folder = w.folder / "data" / "heldout"
+    scenes = world.scenes("heldout", plan.n_heldout, plan.world_seed)
+    done = all((folder / f).is_file() for f in ("data.jsonl", "scenes.jsonl"))
+    if done and world.read_scenes(folder) == scenes:
+        return
+    if folder.exists():
+        shutil.rmtree(folder)
+    world.write_split(folder, scenes, SIZE, levels=world.LEVELS - 1, seed=plan.world_seed)
 
 
 # ----------------------------------------------------------------------------------------------- the pipeline
@@ -236,8 +256,8 @@ def run_pipeline(w: World, plan: Plan, runs: Path, seed: int, stage2_variant: st
         "--init", str(stages["cold_start"]), "--data", str(w.data("train_full")), "--images-per-step",
         str(plan.encoder_images), "--group-size", str(plan.encoder_group), "--max-new-tokens",
         str(plan.caption_tokens), "--gen-steps", str(plan.sample_steps), "--guidance-scale", str(plan.guidance_scale),
-        "--render-noise", "group", "--temperature", "1.0", "--lr", str(lr), "--steps", str(plan.encoder_steps),
-        "--save-every", str(plan.encoder_steps), "--loss-norm",
+        "--render-noise", "group", "--temperature", "1.0", "--text-encoder", "frozen", "--lr", str(lr),
+        "--steps", str(plan.encoder_steps), "--save-every", str(plan.encoder_steps), "--loss-norm",
         "token_mean" if stage2_variant == "token_mean" else "sequence_mean", "--out", str(stages["grpo_encoder"])])
     if stage2_variant:
         return {name: stages["grpo_encoder"]}
@@ -286,11 +306,17 @@ class Evaluator:
 
     @torch.no_grad()
     def render(self, uae, captions: list[str]) -> list[Image.Image]:
-        """The decoder's images of `captions`, image i from the noise of seed i whatever the batch."""
-        out = []
+        """The decoder's images of `captions`, image i from the noise of seed i, each as if drawn alone: the DiT has
+        no text mask, so only captions of one token length share a batch (none is padded)."""
+        by_length: dict[int, list[int]] = {}
         for i, caption in enumerate(captions):
-            out += uae.generate([caption], SIZE, SIZE, self.plan.sample_steps, self.plan.guidance_scale,
-                                torch.Generator().manual_seed(10_000 + i))
+            by_length.setdefault(uae.generate_turn_ids([caption])[0].shape[1], []).append(i)
+        out: list[Image.Image | None] = [None] * len(captions)
+        for rows in by_length.values():
+            images = uae.generate([captions[i] for i in rows], SIZE, SIZE, self.plan.sample_steps,
+                                  self.plan.guidance_scale, [torch.Generator().manual_seed(10_000 + i) for i in rows])
+            for i, image in zip(rows, images):
+                out[i] = image
         return out
 
     def scores(self, images: list[Image.Image]) -> tuple[float, float, list[float]]:

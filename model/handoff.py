@@ -25,6 +25,11 @@ a bf16 model), so a stage's first forward equals the previous stage's last bit f
 then replaces the base DiT (LVLM) and the adapters it absorbed, the release's own included; the manifest's base stays
 the one the run loaded (the configs, tokenizer and other parts the weights belong with).
 
+GRPO on the captioner trains its adapter against a frozen decoder, whose text path is the LVLM itself: its manifest
+lists that adapter under `captioner_only`, and loading a handoff tells the UAE to encode text for the DiT without it
+(`UAE.captioner_only`), so every later stage and evaluation tool pairs the new captions with the decoder that was
+frozen. A stage that trains every LVLM weight cannot keep that split and refuses such a handoff.
+
 Files a stage inherits are hard-linked into each of its checkpoints (copied across file systems): every
 checkpoint is self-contained, so `--resume`, `--init` and the evaluation tools read one folder.
 """
@@ -70,12 +75,13 @@ def _option_name(key: str) -> str:
 class Handoff:
     """A `model/` folder's manifest. Adapter entries are folder names inside `folder`, oldest first; `trained`
     names what the run that wrote it trained itself (the newest lvlm / dit adapter, the connector, the dit / lvlm
-    weights), the rest it inherited."""
+    weights), the rest it inherited; `captioner_only` the LVLM adapters the decoder's text encoding leaves off."""
     folder: Path
     base: dict
     lvlm_adapters: list[str] = field(default_factory=list)
     dit_adapters: list[str] = field(default_factory=list)
     dit_ema_adapter: str | None = None
+    captioner_only: list[str] = field(default_factory=list)
     connector: str | None = None
     dit_weights: str | None = None
     lvlm_weights: str | None = None
@@ -97,11 +103,12 @@ class Handoff:
         connector or DiT / LVLM weights stay: they are the run's current values and are loaded as such."""
         lvlm, dit, ema = list(self.lvlm_adapters), list(self.dit_adapters), self.dit_ema_adapter
         if "lvlm_adapter" in self.trained:
-            lvlm.pop()
+            lvlm.pop()  # and out of captioner_only below: the resumed run marks it again as it re-creates it
         if "dit_adapter" in self.trained:
             dit.pop()
             ema = None
         return replace(self, lvlm_adapters=lvlm, dit_adapters=dit, dit_ema_adapter=ema, stages=self.stages[:-1],
+                       captioner_only=[n for n in self.captioner_only if n in lvlm],
                        trained=[t for t in self.trained if t not in ("lvlm_adapter", "dit_adapter")])
 
     def trained_adapter(self, component: str, ema: bool = False) -> Path:
@@ -185,6 +192,9 @@ def read_handoff(path: str | os.PathLike) -> Handoff:
         h = Handoff(folder=folder, **raw)
     except TypeError as e:
         raise CheckpointError(f"{folder / MANIFEST}: bad manifest: {e}") from None
+    strays = [n for n in h.captioner_only if n not in h.lvlm_adapters]
+    if strays:
+        raise CheckpointError(f"{folder / MANIFEST}: captioner_only names {strays}, which are not LVLM adapters")
     names = h.lvlm_adapters + h.dit_adapters + [n for n in (h.dit_ema_adapter, h.connector, h.dit_weights,
                                                             h.lvlm_weights) if n]
     missing = [n for n in names if not (folder / n).exists()]
@@ -196,8 +206,9 @@ def read_handoff(path: str | os.PathLike) -> Handoff:
 def load_handoff(uae, handoff: Handoff, ema: bool = False) -> None:
     """Put `handoff` onto `uae` (built from the same base; call `handoff.check_base` first): the DiT and LVLM weights
     and the connector replace the base's, then every adapter is loaded and frozen, oldest first. ema=True takes the
-    newest DiT adapter's EMA in its place when there is one (what evaluation uses)."""
-    from model.lora import WEIGHTS_NAME, freeze_lora, load_lora, unwrap_lora
+    newest DiT adapter's EMA in its place when there is one (what evaluation uses). The levels of the captioner-only
+    LVLM adapters join `uae.captioner_only`."""
+    from model.lora import WEIGHTS_NAME, freeze_lora, load_lora, lora_layers, unwrap_lora
 
     f = handoff.folder
     if handoff.dit_weights:
@@ -215,6 +226,8 @@ def load_handoff(uae, handoff: Handoff, ema: bool = False) -> None:
     for module, names in ((uae.lvlm, handoff.lvlm_adapters), (uae.dit, dit_adapters)):
         for name in names:
             load_lora(module, f / name, dtype=_saved_dtype(f / name / WEIGHTS_NAME))
+            if module is uae.lvlm and name in handoff.captioner_only:
+                uae.captioner_only += lora_layers(module).values()
             freeze_lora(module)
 
 
@@ -226,18 +239,23 @@ def _saved_dtype(file: Path) -> torch.dtype:
 
 def save_handoff(folder: str | os.PathLike, uae, *, base: dict, stage: str, run: str | os.PathLike, step: int,
                  inherited: Handoff | None, trains: tuple[str, ...], dit_ema=None,
-                 connector_state: dict | None = None, dit_state: dict | None = None) -> Handoff:
+                 connector_state: dict | None = None, dit_state: dict | None = None,
+                 captioner_only: bool = False) -> Handoff:
     """Write `folder` (a checkpoint's `model/`): what `inherited` holds, plus what this stage trains.
 
     trains: any of "lvlm_adapter" / "dit_adapter" (the active LoRA adapter of uae.lvlm / uae.dit), "connector",
     "dit_weights" / "lvlm_weights" (every DiT / LVLM parameter). dit_ema: a context manager factory that swaps the
     EMA values into the DiT adapter (train.rl.EMA.swap). connector_state / dit_state: full state dicts to write
-    instead of the modules' (FSDP2 gathers them). Inherited files are hard-linked (copied across file systems)."""
+    instead of the modules' (FSDP2 gathers them). captioner_only: the trained LVLM adapter is one the decoder's text
+    encoding leaves off (GRPO on the captioner against a frozen decoder). Inherited files are hard-linked (copied
+    across file systems)."""
     from model.lora import save_lora
 
     bad = set(trains) - {"lvlm_adapter", "dit_adapter", "connector", "dit_weights", "lvlm_weights"}
     if bad:
         raise ValueError(f"unknown trained part(s) {sorted(bad)}")
+    if captioner_only and "lvlm_adapter" not in trains:
+        raise ValueError("captioner_only marks the trained LVLM adapter, but this stage trains none")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     src = inherited or Handoff(folder=folder, base=base)
@@ -268,12 +286,15 @@ def save_handoff(folder: str | os.PathLike, uae, *, base: dict, stage: str, run:
     else:
         h.lvlm_weights = link(src.lvlm_weights) if src.lvlm_weights else None
         h.lvlm_adapters = [link(n) for n in src.lvlm_adapters]
+        h.captioner_only = list(src.captioner_only)
     if "dit_adapter" not in trains and src.dit_ema_adapter and "dit_weights" not in trains:
         h.dit_ema_adapter = link(src.dit_ema_adapter)
     if "lvlm_adapter" in trains:
         name = f"lvlm_adapter_{len(h.lvlm_adapters)}"
         save_lora(uae.lvlm, folder / name)
         h.lvlm_adapters.append(name)
+        if captioner_only:
+            h.captioner_only.append(name)
     if "dit_adapter" in trains:
         name = f"dit_adapter_{len(h.dit_adapters)}"
         save_lora(uae.dit, folder / name)

@@ -55,8 +55,9 @@ from torch import nn
 from weights import CheckpointError, open_checkpoint, read_json, save_safetensors
 
 __all__ = [
-    "LoRALinear", "apply_lora", "lora_layers", "set_lora_enabled", "lora_disabled", "merge_lora", "unmerge_lora",
-    "lora_parameters", "lora_state_dict", "save_lora", "load_lora", "freeze_lora", "frozen_lora_layers", "unwrap_lora",
+    "LoRALinear", "apply_lora", "lora_layers", "set_lora_enabled", "lora_disabled", "lora_levels_disabled",
+    "merge_lora", "unmerge_lora", "lora_parameters", "lora_state_dict", "save_lora", "load_lora", "freeze_lora",
+    "frozen_lora_layers", "unwrap_lora",
 ]
 
 CONFIG_NAME = "adapter_config.json"
@@ -384,6 +385,24 @@ def lora_disabled(module: nn.Module) -> Iterator[nn.Module]:
     finally:
         for n, m in layers.items():
             m.enabled = before[n]
+
+
+@contextlib.contextmanager
+def lora_levels_disabled(levels: Sequence[LoRALinear]) -> Iterator[None]:
+    """Run with the given adapter levels off, frozen ones included (a level's update stops, the levels under and
+    over it keep theirs); each level's previous state returns on exit. What a model with some adapters left out
+    computes, e.g. the decoder's text encoding without the captioner-only adapters (model/uae.py)."""
+    merged = [m.extra_repr() for m in levels if m.merged]
+    if merged:
+        raise ValueError(f"cannot disable merged LoRA levels ({merged[0]}, ...): their update is in the weight")
+    before = [m.enabled for m in levels]
+    for m in levels:
+        m.enabled = False
+    try:
+        yield
+    finally:
+        for m, on in zip(levels, before):
+            m.enabled = on
 
 
 def merge_lora(module: nn.Module) -> None:

@@ -9,6 +9,11 @@ CLIP-L + CLIP-G pooled embeddings of the empty prompt). Classifier-free guidance
 same path, positive and negative right-padded together with the pad id (the released inference code's convention; the
 DiT gets no text mask).
 
+The captioner and the text encoder are one LVLM. `captioner_only` lists LVLM adapter levels the text encoding leaves
+off: GRPO on the captioner (train/grpo_encoder.py) trains its adapter against a frozen decoder, and the decoder's
+text path is the LVLM, so the captions that adapter writes are read by the LVLM as it was before the stage (the
+handoff records the adapter as captioner-only, model/handoff.py).
+
 Loading: the official release folder (`llm_model/`, `llm_lora/`, `dit/`, `dit_lora/`, `SD3/`) or any combination of a
 plain Qwen2.5-VL folder, an SD3/SD3.5 diffusers folder and a connector file. `UAE.tiny(seed)` builds every part small
 and random so the whole loop runs on a CPU in seconds.
@@ -28,6 +33,7 @@ from torch import nn
 from model import qwen2_5_vl_generation
 from model.connector import Connector, ConnectorConfig
 from model.flow import flow_sigmas, sample_ode
+from model.lora import LoRALinear, lora_levels_disabled
 from model.mmdit import MMDiT, MMDiTConfig
 from model.qwen2_5_vl import Qwen25VL, Qwen25VLConfig
 from model.qwen2_5_vl_generation import GenerationConfig
@@ -82,6 +88,9 @@ class UAE(nn.Module):
         self.lvlm, self.connector, self.dit, self.vae = lvlm, connector, dit, vae
         self.processor = processor
         self.settings = settings or UAESettings()
+        # LVLM adapter levels `encode_text` runs without (model/handoff.py `captioner_only`): plain list, not
+        # registered, as the modules already live in self.lvlm.
+        self.captioner_only: list[LoRALinear] = []
 
     @property
     def device(self) -> torch.device:
@@ -218,9 +227,11 @@ class UAE(nn.Module):
         return ids, ids.ne(pad).long()
 
     def encode_text(self, texts: list[str], pad_to: int | None = None) -> torch.Tensor:
-        """DiT context [B, L, joint_attention_dim]: connector(last hidden states) of the `generate` turn."""
+        """DiT context [B, L, joint_attention_dim]: connector(last hidden states) of the `generate` turn, with the
+        captioner-only adapter levels off."""
         ids, mask = self.generate_turn_ids(texts, pad_to)
-        hidden = self.lvlm.forward_hidden(ids, attention_mask=mask)
+        with lora_levels_disabled(self.captioner_only):
+            hidden = self.lvlm.forward_hidden(ids, attention_mask=mask)
         return self.connector(hidden.to(self.connector.fc1.weight.dtype))
 
     def condition(self, prompts: list[str], guidance_scale: float,

@@ -9,11 +9,13 @@ import pytest
 import torch
 
 import train.grpo_encoder as ge
+import train.sft_captioner as sft_captioner
+from model.handoff import load_handoff, read_handoff
 from model.layers import get_attention_backend, set_attention_backend
 from model.lora import load_lora, lora_disabled
 from model.uae import UAE
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
-from tests.run_helpers import adapter, rows, torchrun_two, trained, without_time
+from tests.run_helpers import adapter, last_ckpt, rows, torchrun_two, trained, without_time
 from train.common import Dist
 from train.data import procedural_scene
 
@@ -57,6 +59,8 @@ def test_default_run_raises_the_reward(tmp_path):
 def test_bad_render_noise_is_refused():
     with pytest.raises(ValueError, match="render-noise"):
         ge.main(["--render-noise", "step"])
+    with pytest.raises(ValueError, match="--text-encoder must be frozen or policy, got 'shared'"):
+        ge.main(["--text-encoder", "shared"])
 
 
 def test_first_step_invariants_and_metrics_fields(tmp_path):
@@ -97,6 +101,45 @@ def test_adapters_off_reference_equals_frozen_base(tmp_path):
             lp_off = model.caption_logprobs(inputs, tokens, mask, 1.0)
     assert torch.equal(lp_off, lp_base)
     assert (lp_on - lp_base).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("text_encoder", ["frozen", "policy"])
+def test_text_encoder_frozen_keeps_the_decoder_reading_as_before(tmp_path, monkeypatch, text_encoder):
+    # frozen: the stage's adapter writes captions but the decoder encodes them without it, during the stage (the
+    # rewards' renders) and after (the handoff marks the adapter captioner-only); policy: one LVLM writes and encodes.
+    base = UAE.tiny(0).eval()
+    texts = ["a red circle", "two blue squares on a grey ground"]
+    with torch.no_grad():
+        start = base.encode_text(texts)
+    moved = []
+    render = ge.render_captions
+
+    def spy(uae, *args):
+        with torch.no_grad():
+            moved.append(float((uae.encode_text(texts) - start).abs().max()))
+        return render(uae, *args)
+
+    monkeypatch.setattr(ge, "render_captions", spy)
+    out = tmp_path / "run"
+    ge.main(FAST + ["--steps", "2", "--text-encoder", text_encoder, "--out", str(out)])
+    assert len(moved) == 2 and moved[0] == 0  # the fresh adapter is zero at step 1
+    assert (moved[1] == 0) if text_encoder == "frozen" else (moved[1] > 1e-6)
+
+    h = read_handoff(last_ckpt(out))
+    assert h.captioner_only == (["lvlm_adapter_0"] if text_encoder == "frozen" else [])
+    model = UAE.tiny(0).eval()
+    load_handoff(model, h)
+    with torch.no_grad():
+        after = float((model.encode_text(texts) - start).abs().max())
+    assert (after == 0) if text_encoder == "frozen" else (after > 1e-6)
+
+
+def test_a_full_parameter_captioner_stage_refuses_captioner_only_adapters(tmp_path):
+    ge.main(FAST + ["--steps", "1", "--out", str(tmp_path / "stage2")])
+    with pytest.raises(ValueError, match="captioner-only .* --lora-rank 0 would merge them"):
+        sft_captioner.main(["--init", str(tmp_path / "stage2"), "--lora-rank", "0", "--batch-size", "2",
+                            "--procedural-images", "2", "--steps", "1", "--device", "cpu",
+                            "--out", str(tmp_path / "sft")])
 
 
 def test_resume_matches_uninterrupted_run(tmp_path):

@@ -132,3 +132,51 @@ def test_base_mismatch_names_every_option():
         base_identity(clip="/x")
     with pytest.raises(ValueError, match="unknown trained part"):
         save_handoff("/tmp/never", None, base=BASE, stage="x", run="/tmp", step=0, inherited=None, trains=("vae",))
+
+
+def test_captioner_only_adapter_is_left_out_of_the_text_encoding(tmp_path):
+    # GRPO on the captioner (--text-encoder frozen) hands on an LVLM adapter the decoder's text encoding leaves off:
+    # after loading, the captioner runs with it and encode_text equals the model without it, through every later
+    # stage's handoff and a resumed run's.
+    a = trained_model(5, ("lvlm", "dit"))
+    save_handoff(tmp_path / "a", a, base=BASE, stage="cold_start", run=tmp_path, step=1, inherited=None,
+                 trains=("lvlm_adapter", "dit_adapter"))
+    b = UAE.tiny(0).requires_grad_(False)
+    load_handoff(b, read_handoff(tmp_path / "a"))
+    apply_lora(b.lvlm.language_model, ["q_proj", "v_proj"], rank=2, alpha=4.0)
+    with torch.no_grad():
+        for m in lora_layers(b.lvlm).values():
+            m.B.weight.normal_(0, 0.1)
+    with pytest.raises(ValueError, match="trains none"):
+        save_handoff(tmp_path / "x", b, base=BASE, stage="x", run=tmp_path, step=1,
+                     inherited=read_handoff(tmp_path / "a"), trains=("dit_adapter",), captioner_only=True)
+    h = save_handoff(tmp_path / "b", b, base=BASE, stage="grpo_encoder", run=tmp_path, step=1,
+                     inherited=read_handoff(tmp_path / "a"), trains=("lvlm_adapter",), captioner_only=True)
+    assert h.lvlm_adapters == ["lvlm_adapter_0", "lvlm_adapter_1"] and h.captioner_only == ["lvlm_adapter_1"]
+
+    # A later stage (a DiT adapter) hands the split on.
+    c = UAE.tiny(0).requires_grad_(False)
+    load_handoff(c, read_handoff(tmp_path / "b"))
+    apply_lora(c.dit, ["to_q"], rank=2, alpha=4.0)
+    save_handoff(tmp_path / "c", c, base=BASE, stage="grpo_decoder", run=tmp_path, step=1,
+                 inherited=read_handoff(tmp_path / "b"), trains=("dit_adapter",))
+    assert read_handoff(tmp_path / "c").captioner_only == ["lvlm_adapter_1"]
+
+    before, after = UAE.tiny(0).eval(), UAE.tiny(0).eval()
+    load_handoff(before, read_handoff(tmp_path / "a"))
+    load_handoff(after, read_handoff(tmp_path / "c"))
+    assert len(after.captioner_only) == 2 * len(after.lvlm.language_model.layers)  # q_proj and v_proj levels
+    ids, mask = before.generate_turn_ids(["a red circle", "two blue squares on grey"])
+    with torch.no_grad():
+        assert torch.equal(after.encode_text(["a red circle", "two blue squares on grey"]),
+                           before.encode_text(["a red circle", "two blue squares on grey"]))
+        captioner_after = after.lvlm.forward_hidden(ids, attention_mask=mask)
+        captioner_before = before.lvlm.forward_hidden(ids, attention_mask=mask)
+    assert (captioner_after - captioner_before).abs().max() > 1e-4  # the captioner does use the adapter
+
+    # A run resuming stage b re-creates its adapter; the rest of the split stays.
+    assert read_handoff(tmp_path / "b").inherited().captioner_only == []
+    manifest = json.loads((tmp_path / "c" / "handoff.json").read_text())
+    (tmp_path / "c" / "handoff.json").write_text(json.dumps({**manifest, "captioner_only": ["lvlm_adapter_9"]}))
+    with pytest.raises(CheckpointError, match="captioner_only names \\['lvlm_adapter_9'\\], which are not LVLM"):
+        read_handoff(tmp_path / "c")

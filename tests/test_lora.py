@@ -9,8 +9,9 @@ from torch import nn
 
 from model.layers import attention
 from model.lora import (
-    LoRALinear, apply_lora, freeze_lora, frozen_lora_layers, load_lora, lora_disabled, lora_layers, lora_parameters,
-    lora_state_dict, merge_lora, save_lora, set_lora_enabled, unmerge_lora, unwrap_lora,
+    LoRALinear, apply_lora, freeze_lora, frozen_lora_layers, load_lora, lora_disabled, lora_layers,
+    lora_levels_disabled, lora_parameters, lora_state_dict, merge_lora, save_lora, set_lora_enabled, unmerge_lora,
+    unwrap_lora,
 )
 from tests.numerics import rel_err
 from weights import CheckpointError
@@ -436,6 +437,29 @@ def test_stack_matches_peft_with_several_active_adapters(depth):
     for path, m in frozen.items():
         assert m.frozen and m.adapter_name == next(name for name, *_ in reversed(LEVELS[:depth - 1])
                                                    if path in peft_paths(ref, name))
+
+
+def test_levels_disabled_leaves_one_adapter_out_of_the_stack():
+    # The decoder's text encoding without a captioner-only adapter (model/uae.py): one frozen level in the middle of
+    # the stack off equals peft summing the other two adapters.
+    base = make_base()
+    ref = peft_stack(base, 3)
+    ours = build_stack(base, 3, ref)
+    middle = [m for m in ours.modules() if isinstance(m, LoRALinear) and m.adapter_name == "stage1"]
+    assert middle and all(m.frozen for m in middle)
+    x, mask = make_inputs()
+    with torch.no_grad():
+        full = ours(x, mask)
+        with lora_levels_disabled(middle):
+            without = ours(x, mask)
+        ref.base_model.set_adapter(["release", "stage2"])
+        assert rel_err(without, ref(x, mask)) <= 1e-5
+        assert rel_err(full, without) > 1e-3
+        assert torch.equal(ours(x, mask), full)  # every level is back on
+    merge_lora(ours)
+    with pytest.raises(ValueError, match="cannot disable merged LoRA levels"):
+        with lora_levels_disabled(list(lora_layers(ours).values())):
+            pass
 
 
 def test_stack_parameter_names():

@@ -38,15 +38,19 @@ OPTIONS = dict(STAGES)
 
 
 @torch.no_grad()
-def probe(uae) -> tuple[torch.Tensor, torch.Tensor]:
-    """One forward through every trained part: the LVLM and connector (a caption's DiT context) and the DiT."""
-    context = uae.encode_text(["two blue circles on a yellow background"])
+def probe(uae) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One forward through every trained part: the text encoding (LVLM and connector: a caption's DiT context), the
+    DiT, and the LVLM as the captioner runs it (every adapter on, captioner-only ones included)."""
+    text = ["two blue circles on a yellow background"]
+    context = uae.encode_text(text)
     x = torch.randn(1, *uae.latent_shape(1, 32, 32)[1:], generator=torch.Generator().manual_seed(0))
-    return context, uae.velocity_fn(context)(x, torch.full((1,), 600.0))
+    ids, mask = uae.generate_turn_ids(text)
+    return (context, uae.velocity_fn(context)(x, torch.full((1,), 600.0)),
+            uae.lvlm.forward_hidden(ids, attention_mask=mask))
 
 
 def assert_equal(a, b, what):
-    for x, y, part in zip(a, b, ("LVLM + connector", "DiT")):
+    for x, y, part in zip(a, b, ("text encoding (LVLM + connector)", "DiT", "captioner (LVLM)")):
         assert torch.equal(x, y), f"{what}: {part} differs by {(x - y).abs().max().item():.3g}"
 
 
@@ -62,6 +66,9 @@ def test_the_stages_chain_and_the_bench_loads_the_result(tmp_path, dtype):
             assert_equal(seen["first"], previous["last"], f"{out.name} first forward vs the previous stage's last")
             # The stage's adapters did train: its last forward moved away from where it started.
             assert any(not torch.equal(x, y) for x, y in zip(seen["last"], seen["first"])), out.name
+        if script is ge:  # its adapter is captioner-only (--text-encoder frozen): the decoder reads as before
+            assert torch.equal(seen["last"][0], seen["first"][0])
+            assert not torch.equal(seen["last"][2], seen["first"][2])
         runs.append(out)
         previous = seen
         if script in (ge, gd):  # the reference policy (new adapter off) is the model the stage started from
@@ -80,8 +87,9 @@ def test_the_stages_chain_and_the_bench_loads_the_result(tmp_path, dtype):
         uae = load_model(p.parse_args(["--tiny", "--device", "cpu", "--dtype", dtype, "--run", str(runs[-1])]
                                       + ([] if ema else ["--no-ema"])))
         if ema:  # the EMA adapter differs from the trained one, the rest is the same model
-            context, v = probe(uae)
+            context, v, captioner = probe(uae)
             assert torch.equal(context, previous["last"][0]) and not torch.equal(v, previous["last"][1])
+            assert torch.equal(captioner, previous["last"][2])
         else:
             assert_equal(probe(uae), previous["last"], "eval --run --no-ema vs the last stage's last forward")
 

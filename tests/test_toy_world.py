@@ -65,6 +65,38 @@ def test_the_prepared_world_is_reused_and_never_mixed(quick_report, capsys):
     other = toy_world.dataclasses.replace(toy_world.QUICK, world_seed=1)
     with pytest.raises(SystemExit, match="prepared with other settings .*world_seed.*--rebuild"):
         toy_world.prepare_world(world, other, rebuild=False)
+    # No model depends on the held-out scenes: another count reuses the world and rewrites only that split, the
+    # first scenes staying the same.
+    from train.world import read_scenes
+    first = read_scenes(world / "data" / "heldout")
+    models = {p: p.stat().st_mtime_ns for p in (world / "base").rglob("*.safetensors")}
+    more = toy_world.dataclasses.replace(toy_world.QUICK, n_heldout=toy_world.QUICK.n_heldout + 3)
+    toy_world.prepare_world(world, more, rebuild=False)
+    assert read_scenes(world / "data" / "heldout")[:len(first)] == first
+    assert len((world / "data" / "heldout" / "data.jsonl").read_text().splitlines()) == more.n_heldout
+    assert {p: p.stat().st_mtime_ns for p in (world / "base").rglob("*.safetensors")} == models
+    toy_world.prepare_world(world, toy_world.QUICK, rebuild=False)
+    assert read_scenes(world / "data" / "heldout") == first
+    assert len(list((world / "data" / "heldout" / "images").iterdir())) == len(first)
+
+
+def test_evaluator_renders_each_caption_as_if_alone(quick_report):
+    # Captions of one token length share a batch (no padding): every image equals the caption drawn alone from its
+    # seed, up to one grey level of rounding, in the captions' order.
+    import numpy as np
+    import torch
+
+    out, _ = quick_report
+    ev = toy_world.Evaluator(toy_world.World(out / "world"), toy_world.QUICK)
+    uae = ev.model(None)
+    captions = ["a gray background.", ev.full_captions[0], "", ev.full_captions[1], "a white background."]
+    images = ev.render(uae, captions)
+    alone = [uae.generate([c], toy_world.SIZE, toy_world.SIZE, toy_world.QUICK.sample_steps,
+                          toy_world.QUICK.guidance_scale, torch.Generator().manual_seed(10_000 + i))[0]
+             for i, c in enumerate(captions)]
+    diffs = [np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(images, alone)]
+    assert max(diffs) <= 1, diffs
+    assert np.abs(np.asarray(images[0], dtype=int) - np.asarray(images[4], dtype=int)).max() > 1  # other seeds
 
 
 def test_a_folder_that_is_not_a_world_is_refused(tmp_path):

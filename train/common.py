@@ -708,7 +708,7 @@ def is_tiny(opts: RunOptions) -> bool:
 
 def save_run_checkpoint(opts: RunOptions, step: int, state: dict, uae, *, stage: str, trains: tuple[str, ...],
                         inherited, dit_ema=None, connector_state: dict | None = None,
-                        dit_state: dict | None = None) -> Path:
+                        dit_state: dict | None = None, captioner_only: bool = False) -> Path:
     """`save_checkpoint` of `state` (optimizer, sampler, RNG, ...) with the model this run has so far in the
     checkpoint's `model/` folder (model.handoff.save_handoff: what it inherited plus what it `trains`)."""
     from model.handoff import FOLDER, save_handoff
@@ -716,7 +716,7 @@ def save_run_checkpoint(opts: RunOptions, step: int, state: dict, uae, *, stage:
     def write(folder: Path) -> None:
         save_handoff(folder / FOLDER, uae, base=base_model(opts), stage=stage, run=opts.out, step=step,
                      inherited=inherited, trains=trains, dit_ema=dit_ema, connector_state=connector_state,
-                     dit_state=dit_state)
+                     dit_state=dit_state, captioner_only=captioner_only)
 
     return save_checkpoint(opts.out, step, state, write_extra=write)
 

@@ -19,6 +19,12 @@ equal one process with the same global batch up to float rounding of the batched
 padded for the DiT to the step's longest over all ranks, as stage 3 pads (the DiT has no text mask).
 bench/grpo_encoder_step.py times this against the caption-by-caption step.
 
+The decoder is frozen, and its text path is the LVLM: with --text-encoder frozen (the default) captions are encoded
+for the DiT without this stage's adapter (`UAE.captioner_only`), here and after (the handoff records the adapter as
+captioner-only). Otherwise every policy update also moves what the decoder reads, a change the policy gradient does
+not see (the reward's gradient reaches the adapter only through the caption tokens): on the toy world's small LVLM
+that drift cost more reconstruction than the longer captions gained. --text-encoder policy keeps one LVLM for both.
+
 The reference policy is the model this stage started from (the new adapter off, every earlier adapter on); its
 forward runs only when beta > 0 (TRL's GRPOTrainer skips the reference model at beta 0 too).
 
@@ -48,7 +54,7 @@ if __package__ in (None, ""):  # `torchrun train/grpo_encoder.py` runs the file 
 
 import torch
 
-from model.lora import apply_lora, load_lora, lora_disabled, lora_parameters
+from model.lora import apply_lora, load_lora, lora_disabled, lora_layers, lora_parameters
 from model.uae import LLM_LORA_TARGETS
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
                           build_dataset, build_reward, build_uae, condition_length, finish_run, finite, group_rewards,
@@ -92,6 +98,10 @@ class Options(RunOptions):
     loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
     logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
+    text_encoder: str = option("frozen", "how the decoder encodes captions, in this stage and after it: frozen "
+                                         "(the LVLM without this stage's adapter: the decoder stays the one the "
+                                         "stage started with) | policy (the LVLM with it: one LVLM writes and "
+                                         "encodes captions)")
     cuda_graph: bool = option(False, "replay the caption decode steps as CUDA graphs (model/graph_decode.py; CUDA)")
 
     def check(self) -> None:
@@ -113,11 +123,13 @@ class Options(RunOptions):
                 f"--loss-norm must be sequence_mean or token_mean, got {self.loss_norm!r}")
         require(self.logprob in ("fused", "naive"), f"--logprob must be fused or naive, got {self.logprob!r}")
         require(any(t for t in self.lora_targets.split(",")), "--lora-targets names no module")
+        require(self.text_encoder in ("frozen", "policy"),
+                f"--text-encoder must be frozen or policy, got {self.text_encoder!r}")
         require(not (self.cuda_graph and self.device == "cpu"), "--cuda-graph needs a CUDA device, not --device cpu")
 
 
 RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha",
-                           "lora_targets", "seed")
+                           "lora_targets", "seed", "text_encoder")
 
 
 def sample_captions(uae, images: list, image_of: list[int], seeds: list[int], opts: Options):
@@ -173,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
     targets = [t for t in opts.lora_targets.split(",") if t]
     # Adapters on the text decoder only (the vision tower's MLP shares the projection names).
     apply_lora(uae.lvlm.language_model, targets, rank=opts.lora_rank, alpha=opts.lora_alpha, init="gaussian")
+    if opts.text_encoder == "frozen":
+        uae.captioner_only += lora_layers(uae.lvlm).values()
     params = lora_parameters(uae.lvlm)
     for p in params:
         p.data = p.data.float()
@@ -235,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict:
                      "rng": rng_state()}
             if dist_env.is_main:
                 save_run_checkpoint(opts, step, state, uae, stage="grpo_encoder", trains=("lvlm_adapter",),
-                                    inherited=inherited)
+                                    inherited=inherited, captioner_only=opts.text_encoder == "frozen")
     finish_run(opts, log)
     return metrics
 

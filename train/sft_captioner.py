@@ -166,6 +166,10 @@ def main(argv: list[str] | None = None) -> dict:
         for p in params:
             p.data = p.data.float()
     else:
+        if uae.captioner_only:
+            raise ValueError(f"--init {opts.init}: its LVLM adapters {inherited.captioner_only} are captioner-only "
+                             "(GRPO on the captioner; the decoder's text encoding leaves them off), and --lora-rank 0 "
+                             "would merge them into the weights the decoder reads; train an adapter (--lora-rank > 0)")
         unwrap_lora(uae.lvlm, merge=True)  # every LVLM weight trains: the adapters below become part of them
         uae.lvlm.requires_grad_(True)
         params = list(uae.lvlm.parameters())  # a tied LM head is the embedding: listed once
