@@ -307,18 +307,9 @@ class Evaluator:
 
     @torch.no_grad()
     def render(self, uae, captions: list[str]) -> list[Image.Image]:
-        """The decoder's images of `captions`, image i from the noise of seed i, each as if drawn alone: the DiT has
-        no text mask, so only captions of one token length share a batch (none is padded)."""
-        by_length: dict[int, list[int]] = {}
-        for i, caption in enumerate(captions):
-            by_length.setdefault(uae.generate_turn_ids([caption])[0].shape[1], []).append(i)
-        out: list[Image.Image | None] = [None] * len(captions)
-        for rows in by_length.values():
-            images = uae.generate([captions[i] for i in rows], SIZE, SIZE, self.plan.sample_steps,
-                                  self.plan.guidance_scale, [torch.Generator().manual_seed(10_000 + i) for i in rows])
-            for i, image in zip(rows, images):
-                out[i] = image
-        return out
+        """The decoder's images of `captions`, image i from the noise of seed 10_000 + i, each as if drawn alone."""
+        return uae.generate_each_alone(captions, [10_000 + i for i in range(len(captions))], SIZE, SIZE,
+                                       self.plan.sample_steps, self.plan.guidance_scale)
 
     def scores(self, images: list[Image.Image]) -> tuple[float, float, list[float]]:
         s = self.reward(None, images, source_features=self.source_features).tolist()

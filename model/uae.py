@@ -291,6 +291,26 @@ class UAE(nn.Module):
         return _to_pil(images) if output_type == "pil" else images.float()
 
     @torch.no_grad()
+    def generate_each_alone(self, prompts: list[str], seeds: Sequence[int], height: int | None = None,
+                            width: int | None = None, steps: int | None = None, guidance_scale: float | None = None,
+                            output_type: str = "pil"):
+        """`generate` of each prompt as if drawn alone, image i from the noise of generator seed seeds[i] (evaluation:
+        a score then depends neither on the batch nor on the rest of the prompts). The DiT has no text mask, so only
+        prompts of one token length share a batch, where none is padded; images come back in the prompts' order."""
+        if len(seeds) != len(prompts):
+            raise ValueError(f"one seed per prompt: got {len(seeds)} for {len(prompts)} prompts")
+        by_length: dict[int, list[int]] = {}
+        for i, prompt in enumerate(prompts):
+            by_length.setdefault(self.generate_turn_ids([prompt])[0].shape[1], []).append(i)
+        out: list = [None] * len(prompts)
+        for rows in by_length.values():
+            images = self.generate([prompts[i] for i in rows], height, width, steps, guidance_scale,
+                                   [torch.Generator().manual_seed(seeds[i]) for i in rows], output_type=output_type)
+            for i, image in zip(rows, images):
+                out[i] = image
+        return out if output_type == "pil" else torch.stack(out)
+
+    @torch.no_grad()
     def reconstruct(self, images: list[Image.Image], height: int | None = None, width: int | None = None,
                     steps: int | None = None, guidance_scale: float | None = None,
                     generator: torch.Generator | None = None, **caption_kwargs) -> tuple[list[str], list[Image.Image]]:

@@ -244,3 +244,20 @@ def test_generate_with_a_generator_per_prompt_matches_each_alone(tiny):
         assert rel_err(both[i], alone[0]) <= 1e-5
     with pytest.raises(ValueError, match="one generator per prompt"):
         tiny.generate(prompts, steps=1, generator=[torch.Generator()])
+
+
+def test_generate_each_alone_batches_only_unpadded_prompts(tiny):
+    # Prompts of one token length share a batch; every image equals its prompt drawn alone (no padding, the same
+    # seed), in the prompts' order, whatever the other prompts are.
+    prompts = ["a red circle", "two blue squares on a green background", "a red square", ""]
+    lengths = [tiny.generate_turn_ids([p])[0].shape[1] for p in prompts]
+    assert lengths[0] == lengths[2] and len(set(lengths)) == 3  # one shared batch, two alone
+    seeds = [7, 3, 11, 5]
+    each = tiny.generate_each_alone(prompts, seeds, steps=2, output_type="tensor")
+    assert each.shape[0] == 4
+    for p, s, image in zip(prompts, seeds, each):
+        alone = tiny.generate([p], steps=2, generator=torch.Generator().manual_seed(s), output_type="tensor")
+        assert rel_err(image, alone[0]) <= 1e-5
+    assert len(tiny.generate_each_alone(prompts[:2], seeds[:2], steps=1)) == 2  # PIL images
+    with pytest.raises(ValueError, match="one seed per prompt: got 1 for 2 prompts"):
+        tiny.generate_each_alone(prompts[:2], [1], steps=1)

@@ -198,10 +198,8 @@ def evaluate(uae, reward_fn, items: list, opts: Options, dist_env) -> torch.Tens
     else:
         kw = {"max_new_tokens": opts.caption_tokens} if opts.caption_tokens else {}
         captions = uae.caption(images, do_sample=False, **kw)
-    seeds = range(EVAL_SEED + my_share.start, EVAL_SEED + my_share.stop)
-    recon = torch.cat([uae.generate([c], opts.size, opts.size, opts.sample_steps, opts.guidance_scale,
-                                    torch.Generator().manual_seed(seed), output_type="tensor")
-                       for seed, c in zip(seeds, captions)])
+    recon = uae.generate_each_alone(captions, range(EVAL_SEED + my_share.start, EVAL_SEED + my_share.stop),
+                                    opts.size, opts.size, opts.sample_steps, opts.guidance_scale, output_type="tensor")
     rewards = group_rewards(reward_fn, images, list(range(len(images))), recon, opts.size)
     return all_gather_cat(rewards.float())
 
