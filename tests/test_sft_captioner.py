@@ -4,6 +4,7 @@ and to the eval tools, resume, 2 processes == 1, option errors.
 """
 import argparse
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -166,15 +167,19 @@ def test_full_parameter_weights_reach_the_next_stage_and_eval(tmp_path):
 
 @pytest.mark.parametrize("lora_rank", ["4", "0"])
 def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
-    # With the text objective: its sampler (3 texts, 2 a step: a new epoch at step 2) resumes too.
+    # With the text objective: its sampler (3 texts, 2 a step: a new epoch at step 2) resumes too; and with a
+    # learning-rate schedule, whose rate at the resumed step is taken up.
     full, part = tmp_path / "full", tmp_path / "part"
     texts = write_texts(tmp_path / "texts.jsonl", TEXTS[:3])
     common = FAST + ["--procedural-images", "4", "--lora-rank", lora_rank, "--lora-alpha", "8", "--save-every", "1",
-                     "--text-data", str(texts), "--text-batch-size", "2"]
+                     "--text-data", str(texts), "--text-batch-size", "2", "--lr-schedule", "cosine", "--warmup-steps",
+                     "1"]
     sc.main(common + ["--steps", "3", "--out", str(full)])
     sc.main(common + ["--steps", "1", "--out", str(part)])
     sc.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
+    lr = sc.Options().lr
+    assert [r["lr"] for r in rows(full)] == pytest.approx([lr, lr, lr * (0.1 + 0.45 * (1 + math.cos(math.pi / 2)))])
     a, b = ((model_file(full, "lvlm.safetensors"), model_file(part, "lvlm.safetensors")) if lora_rank == "0" else
             (adapter(trained(full, "lvlm")), adapter(trained(part, "lvlm"))))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

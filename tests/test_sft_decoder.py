@@ -2,6 +2,7 @@
 torchrun runs (adapters with gradient all-reduce; full parameters sharded with FSDP2) against one process.
 """
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,7 @@ import torch
 
 import train.sft_decoder as sd
 from model.lora import load_lora, lora_disabled
-from model.uae import UAE
+from model.uae import NEGATIVE_PROMPT, UAE
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
 from tests.run_helpers import adapter, last_ckpt, model_file, rows, torchrun_two, trained, without_time
 
@@ -30,6 +31,8 @@ def test_help_and_bad_options(capsys):
         sd.main(["--weighting", "bogus"])
     with pytest.raises(ValueError, match="fsdp"):
         sd.main(["--fsdp", "--lora-rank", "4"])
+    with pytest.raises(ValueError, match=r"--caption-dropout must be in \[0, 1\)"):
+        sd.main(["--caption-dropout", "1"])
 
 
 def test_sigma_sampling_and_weights():
@@ -65,10 +68,35 @@ def test_metrics_adapters_off_and_loss_falls(tmp_path):
     assert torch.equal(v_off, v_base) and (v_on - v_base).abs().max() > 1e-6
 
 
+def test_lr_schedule_and_caption_dropout(tmp_path, monkeypatch):
+    seen, encode = [], sd.encode_text_padded_over_ranks
+
+    def spy(uae, texts):
+        seen.append(texts)
+        return encode(uae, texts)
+
+    monkeypatch.setattr(sd, "encode_text_padded_over_ranks", spy)
+    args = FAST[2:] + ["--batch-size", "4", "--steps", "6", "--save-every", "6", "--lr-schedule", "cosine",
+                       "--warmup-steps", "2"]
+    sd.main(args + ["--out", str(tmp_path / "plain")])
+    plain, seen[:] = list(seen), []
+    sd.main(args + ["--caption-dropout", "0.5", "--out", str(tmp_path / "dropout")])
+    # warmup 1/2, 2/2, then 0.1 + 0.45 (1 + cos(pi p)) over the 4 steps after it, p = 0, 1/4, 2/4, 3/4
+    factors = [0.5, 1.0] + [0.1 + 0.45 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [r["lr"] for r in rows(tmp_path / "plain")] == pytest.approx([1e-3 * f for f in factors])
+    # a dropped caption becomes the negative prompt; nothing else the step draws changes
+    pairs = [(a, b) for step_a, step_b in zip(plain, seen) for a, b in zip(step_a, step_b)]
+    assert len(pairs) == 24 and all(b in (a, NEGATIVE_PROMPT) for a, b in pairs)
+    assert 0 < sum(b == NEGATIVE_PROMPT for _, b in pairs) < 24 and NEGATIVE_PROMPT not in sum(plain, [])
+    assert [r["sigma_mean"] for r in rows(tmp_path / "plain")] == [r["sigma_mean"] for r in rows(tmp_path / "dropout")]
+
+
 @pytest.mark.parametrize("lora_rank", ["4", "0"])
 def test_resume_matches_uninterrupted_run(tmp_path, lora_rank):
     full, part = tmp_path / "full", tmp_path / "part"
-    common = FAST[:2] + ["--lora-rank", lora_rank] + FAST[4:] + ["--save-every", "1"]
+    # with a schedule: a resumed run takes up the rate of its step
+    common = FAST[:2] + ["--lora-rank", lora_rank] + FAST[4:] + ["--save-every", "1", "--lr-schedule", "cosine",
+                                                                 "--warmup-steps", "1"]
     sd.main(common + ["--steps", "3", "--out", str(full)])
     sd.main(common + ["--steps", "1", "--out", str(part)])
     sd.main(common + ["--steps", "3", "--out", str(part), "--resume"])

@@ -1,6 +1,8 @@
 """train/common.py: options from argv, metrics, the non-finite guard, atomic and resumable checkpoints, run
 folders (lock, refusal, fallback) and a clean end of N-process runs."""
+import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -11,9 +13,9 @@ import pytest
 import torch
 
 from model.layers import get_attention_backend
-from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, UsageError, apply_optimizer_options, build_uae,
-                          latest_checkpoint, lock_run_folder, open_run_folder, option,
-                          parse_options, release_run_folder, rng_state, save_checkpoint, set_rng_state,
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, SFTOptions, UsageError, apply_optimizer_options,
+                          build_uae, latest_checkpoint, lock_run_folder, lr_multiplier, open_run_folder, option,
+                          parse_options, release_run_folder, rng_state, save_checkpoint, set_lr, set_rng_state,
                           warn_zero_advantages)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -219,6 +221,43 @@ def test_new_optimizer_options_apply_on_resume(capsys):
     assert torch.equal(new.state[w]["exp_avg"], old.state[w]["exp_avg"])  # the moments are kept
     out = capsys.readouterr().out
     assert "resume: lr 0.001 -> 0.0005 (--lr)" in out and "resume: weight_decay 0.0 -> 0.1 (--weight-decay)" in out
+
+
+def test_lr_multiplier_warmup_constant_and_cosine():
+    # warmup: step / warmup up to the warmup's last step, then the schedule
+    assert [lr_multiplier(s, 10, 4) for s in range(1, 7)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
+    assert lr_multiplier(1, 10) == 1.0 and lr_multiplier(10, 10) == 1.0
+    # cosine over the 10 steps after a warmup of 2: 0.1 + 0.45 (1 + cos(pi (step - 3) / 10))
+    cos = [lr_multiplier(s, 12, 2, "cosine") for s in range(1, 13)]
+    assert cos[:2] == [0.5, 1.0] and cos[2] == 1.0
+    assert cos[7] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 5 / 10)))  # step 8: half way, 0.55
+    assert all(a > b for a, b in zip(cos[2:], cos[3:])) and cos[-1] > 0.1
+    with pytest.raises(ValueError, match="constant, cosine"):
+        lr_multiplier(1, 10, 0, "linear")
+
+
+def test_set_lr_and_a_scheduled_resume(capsys):
+    w = torch.nn.Parameter(torch.ones(2))
+    opt = torch.optim.AdamW([w], lr=1.0)
+    opts = SFTOptions(lr=2e-3, steps=10, warmup_steps=4, lr_schedule="cosine")
+    assert set_lr(opt, opts, 2) == pytest.approx(1e-3) and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
+    saved = dataclasses.asdict(opts)  # what a checkpoint's state["options"] holds
+    resumed = torch.optim.AdamW([w], lr=2e-3)
+    resumed.load_state_dict(opt.state_dict())
+    apply_optimizer_options(resumed, opts, True, saved)  # the same --lr: the saved step's rate is no change of it
+    assert "resume: lr" not in capsys.readouterr().out
+    apply_optimizer_options(resumed, SFTOptions(lr=1e-3, steps=10), True, saved)
+    assert "resume: lr 0.002 -> 0.001 (--lr)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine"),
+    (["--steps", "5", "--warmup-steps", "6"], r"--warmup-steps must be in \[0, --steps 5\]"),
+    (["--warmup-steps=-1"], "--warmup-steps must be in"),
+])
+def test_sft_options_are_checked_up_front(args, message):
+    with pytest.raises(UsageError, match=message):
+        parse_options(SFTOptions, args)
 
 
 @pytest.mark.parametrize("args, message", [

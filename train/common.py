@@ -158,6 +158,21 @@ class RunOptions:
             require(not path or os.path.exists(path), f"--{name.replace('_', '-')} {path}: no such file or folder")
 
 
+@dataclass
+class SFTOptions(RunOptions):
+    """The supervised stages' options: RunOptions and a learning-rate schedule (`set_lr`)."""
+    lr_schedule: str = option("constant", "learning-rate schedule after the warmup: constant | cosine (decays "
+                                          "towards a tenth of --lr at the last step)")
+    warmup_steps: int = option(0, "steps of linear learning-rate warmup from 0 to --lr")
+
+    def check(self) -> None:
+        super().check()
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        require(0 <= self.warmup_steps <= self.steps,
+                f"--warmup-steps must be in [0, --steps {self.steps}], got {self.warmup_steps}")
+
+
 # ----------------------------------------------------------------------------------------------- distributed
 
 @dataclass
@@ -297,6 +312,33 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + step)
 
 
+
+
+LR_SCHEDULES = ("constant", "cosine")
+
+
+def lr_multiplier(step: int, steps: int, warmup: int = 0, schedule: str = "constant") -> float:
+    """The factor of the base learning rate at optimizer step `step` (1-based) of `steps`: a linear warmup to 1 over
+    the first `warmup` steps, then 1 ("constant") or a cosine decay towards a tenth ("cosine": 0.1 + 0.9 (1 +
+    cos(pi p)) / 2, p the fraction of the steps after the warmup already taken). A decayed rate is what makes a short
+    run's last weights usable as they are: at a constant rate they carry the optimizer's step noise."""
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
+    if step <= warmup:
+        return step / warmup
+    if schedule == "constant":
+        return 1.0
+    progress = (step - 1 - warmup) / max(steps - warmup, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def set_lr(opt: torch.optim.Optimizer, opts, step: int) -> float:
+    """Set every parameter group's learning rate for `step` from --lr, --lr-schedule and --warmup-steps (SFTOptions);
+    returns it (a metric)."""
+    lr = opts.lr * lr_multiplier(step, opts.steps, opts.warmup_steps, opts.lr_schedule)
+    for group in opt.param_groups:
+        group["lr"] = lr
+    return lr
 
 
 def parse_dtype(name: str) -> torch.dtype:
@@ -582,12 +624,13 @@ def open_run_folder(opts, compare: tuple[str, ...], is_main: bool) -> tuple[Path
     return folder, state
 
 
-def apply_optimizer_options(opt: torch.optim.Optimizer, opts, is_main: bool) -> None:
+def apply_optimizer_options(opt: torch.optim.Optimizer, opts, is_main: bool, saved: dict | None = None) -> None:
     """After loading a checkpoint's optimizer state: this run's --lr and --weight-decay replace the saved ones
-    (load_state_dict restores the old values), and each change is logged."""
+    (load_state_dict restores the old values), and each change is logged. `saved`: the checkpoint's options, whose
+    values the change is against when they hold them (a scheduled run's groups hold the step's rate, not --lr)."""
     for key in ("lr", "weight_decay"):
         new = getattr(opts, key)
-        old = {group[key] for group in opt.param_groups}
+        old = {saved[key]} if saved and key in saved else {group[key] for group in opt.param_groups}
         for group in opt.param_groups:
             group[key] = new
         if is_main and old != {new}:
@@ -606,7 +649,7 @@ def resume_loop(state: dict | None, opt: torch.optim.Optimizer, sampler, opts, i
     from train.data import SamplerState
 
     (load_optimizer or opt.load_state_dict)(state["optimizer"])
-    apply_optimizer_options(opt, opts, is_main)
+    apply_optimizer_options(opt, opts, is_main, state.get("options"))
     if hasattr(sampler, "load_state_dict"):  # a sampler with more state than (epoch, position): BucketSampler
         sampler.load_state_dict(state["sampler"])
     else:

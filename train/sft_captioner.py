@@ -58,15 +58,15 @@ import torch
 from eval.model_args import caption_prompt
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import LLM_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, SFTOptions, average_gradients, build_dataset,
                           build_uae, finish_run, finite, init_distributed, open_run_folder, option, parse_dtype,
                           parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
-                          save_run_checkpoint, split_for_rank, trained_adapter)
+                          save_run_checkpoint, set_lr, split_for_rank, trained_adapter)
 from train.data import ResumableSampler, SamplerState
 
 
 @dataclass
-class Options(RunOptions):
+class Options(SFTOptions):
     out: str = option("runs/sft_captioner", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     steps: int = option(40, "optimizer steps")
     size: int = option(64, "procedural scenes' size in pixels (--data images reach the captioner as they are, "
@@ -203,6 +203,7 @@ def main(argv: list[str] | None = None) -> dict:
         inputs = uae.caption_inputs([image for image, _ in pairs[my_share]], prompt)
 
         opt.zero_grad(set_to_none=True)
+        lr = set_lr(opt, opts, step)
         hidden = uae.caption_hidden(inputs, tokens, mask)
         logp = uae.lvlm.token_logprobs(hidden, tokens)
         # This rank's tokens' share of the global token mean, times the world size: average_gradients divides the
@@ -224,7 +225,8 @@ def main(argv: list[str] | None = None) -> dict:
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {**step_stats, "caption_tokens": n_tokens / opts.batch_size, "grad_norm": float(grad_norm)}
+        metrics = {**step_stats, "caption_tokens": n_tokens / opts.batch_size, "grad_norm": float(grad_norm),
+                   "lr": lr}
         log.log(step, metrics)
         if step % opts.save_every == 0 or step == opts.steps:
             state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),

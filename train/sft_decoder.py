@@ -43,18 +43,19 @@ import torch
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state_dict, set_optimizer_state_dict)
 
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
-from model.uae import DIT_LORA_TARGETS
+from model.uae import DIT_LORA_TARGETS, NEGATIVE_PROMPT
 from train import latent_cache
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, average_gradients,
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, SFTOptions, UsageError, average_gradients,
                           build_dataset, build_uae, encode_text_padded_over_ranks, finish_run, finite, init_distributed,
                           open_run_folder, option, parse_dtype, parse_options, reduce_stats, require, resume_loop,
-                          rng_state, run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
+                          rng_state, run_script, save_run_checkpoint, set_lr, split_for_rank, step_generator,
+                          trained_adapter)
 from train.data import (BatchLoader, BucketLoader, BucketSampler, ImageTensors, ResumableSampler, assign_buckets,
                         parse_buckets)
 
 
 @dataclass
-class Options(RunOptions):
+class Options(SFTOptions):
     out: str = option("runs/sft_decoder", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     steps: int = option(40, "optimizer steps")
     batch_size: int = option(4, "(image, caption) pairs per step (global)")
@@ -78,6 +79,11 @@ class Options(RunOptions):
     latent_sample: bool = option(True, "train on a sample of the VAE posterior (SD3's training; mean + std * eps "
                                        "from the step's generator); --no-latent-sample: its mean")
 
+    caption_dropout: float = option(0.0, "probability that a pair trains with UAE's negative prompt in place of its "
+                                         "caption: the text classifier-free guidance's other branch reads "
+                                         "(model/uae.py NEGATIVE_PROMPT), so guidance extrapolates from a prediction "
+                                         "the decoder was trained to make (SD3 drops its captions likewise)")
+
     full_parameter_training = True  # --lora-rank 0
 
     def check(self) -> None:
@@ -90,6 +96,7 @@ class Options(RunOptions):
         require(not (self.fsdp and self.lora_rank > 0),
                 "--fsdp is for full-parameter training (--lora-rank 0); adapters train with DDP")
         require(self.workers >= 0, f"--workers must be >= 0, got {self.workers}")
+        require(0 <= self.caption_dropout < 1, f"--caption-dropout must be in [0, 1), got {self.caption_dropout}")
         try:
             parse_buckets(self.buckets, self.size)
         except ValueError as e:
@@ -204,6 +211,9 @@ def main(argv: list[str] | None = None) -> dict:
         sigmas = sample_sigmas(opts.batch_size, opts, uae.settings.shift, gen)[my_share].to(dist_env.device)
         eps = torch.randn(latent_shape, generator=gen)[my_share].to(dist_env.device)  # the posterior sample's
         captions = [c for _, c in pairs]
+        if opts.caption_dropout > 0:  # drawn after the rest, so a run without dropout draws what it always drew
+            dropped = (torch.rand(opts.batch_size, generator=gen) < opts.caption_dropout)[my_share].tolist()
+            captions = [NEGATIVE_PROMPT if d else c for c, d in zip(captions, dropped)]
 
         with torch.no_grad():
             if opts.cache_latents:
@@ -220,6 +230,7 @@ def main(argv: list[str] | None = None) -> dict:
         target = noise - x0
         context = encode_text_padded_over_ranks(uae, captions)
         opt.zero_grad(set_to_none=True)
+        lr = set_lr(opt, opts, step)
         pred = uae.velocity_fn(context)(x_t, sigmas * 1000)
         per_sample = ((pred - target) ** 2).flatten(1).mean(1)
         loss = (loss_weight(sigmas, opts.weighting) * per_sample).mean()
@@ -234,7 +245,8 @@ def main(argv: list[str] | None = None) -> dict:
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {**step_stats, "grad_norm": float(grad_norm), **({"bucket": f"{width}x{height}"} if buckets else {})}
+        metrics = {**step_stats, "grad_norm": float(grad_norm), "lr": lr,
+                   **({"bucket": f"{width}x{height}"} if buckets else {})}
         log.log(step, metrics)
         if step % opts.save_every == 0 or step == opts.steps:
             state = {"options": asdict(opts), "rng": rng_state(),

@@ -48,6 +48,7 @@ from model.qwen2_5_vl_processor import (DEFAULT_SYSTEM_MESSAGE, QWEN_SPECIAL_TOK
 from model.uae import CAPTION_PROMPT, NEGATIVE_PROMPT, UNIFIED_BENCH_PROMPT, UAESettings
 from model.vae import VAE, VAEConfig
 from train import world
+from train.common import lr_multiplier
 from weights import rename_keys, save_safetensors
 
 __all__ = ["IMAGE_SIZE", "IMAGE_CONFIG", "LVLM_HIDDEN", "DIT_CONFIG", "CONNECTOR_CONFIG", "VAE_CONFIG",
@@ -190,14 +191,6 @@ def _images_tensor(images: list[Image.Image]) -> torch.Tensor:
     return x.float() / 127.5 - 1
 
 
-def _lr_at(step: int, steps: int, warmup: int) -> float:
-    """Linear warmup, then cosine decay to a tenth: the multiplier of the base learning rate at `step`."""
-    if step < warmup:
-        return (step + 1) / warmup
-    progress = (step - warmup) / max(steps - warmup, 1)
-    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-
 def _seeded_build(seed: int, build: Callable[[], nn.Module]) -> nn.Module:
     """`build()` with the global RNG seeded (default initialisers draw from it), restored afterwards."""
     with torch.random.fork_rng():
@@ -229,7 +222,7 @@ def train_vae(images: list[Image.Image], steps: int, seed: int, log: Callable[[s
     start = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, steps, warmup)
+            group["lr"] = lr * lr_multiplier(step + 1, steps, warmup, "cosine")
         batch = x[torch.randint(len(x), (batch_size,), generator=g)]
         mean, logvar = vae.encode_dist(batch)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
@@ -309,7 +302,7 @@ def train_clip(images: list[Image.Image], captions: list[str], steps: int, seed:
     start = time.perf_counter()
     for step in range(steps):
         for group in opt.param_groups:
-            group["lr"] = lr * _lr_at(step, steps, warmup)
+            group["lr"] = lr * lr_multiplier(step + 1, steps, warmup, "cosine")
         if at + batch_size > len(order):
             order, at = torch.randperm(len(x), generator=g), 0
         index, at = order[at:at + batch_size], at + batch_size
