@@ -168,7 +168,6 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     marker = folder / "world.json"
     if marker.is_file():
         found = json.loads(marker.read_text())
-        found.get("settings", {}).pop("n_heldout", None)  # a world setting before 2026-12-01; no model depends on it
         if found.get("settings") == settings:
             print(f"toy world: using the prepared world in {folder}", flush=True)
             write_heldout(World(folder), plan)

@@ -78,7 +78,6 @@ class Options(SFTOptions):
                               "batch holds one bucket")
     latent_sample: bool = option(True, "train on a sample of the VAE posterior (SD3's training; mean + std * eps "
                                        "from the step's generator); --no-latent-sample: its mean")
-
     caption_dropout: float = option(0.0, "probability that a pair trains with UAE's negative prompt in place of its "
                                          "caption: the text classifier-free guidance's other branch reads "
                                          "(model/uae.py NEGATIVE_PROMPT), so guidance extrapolates from a prediction "

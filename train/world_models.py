@@ -100,7 +100,7 @@ CONNECTOR_CONFIG = ConnectorConfig(in_dim=LVLM_HIDDEN, hidden_dim=2 * DIT_CONFIG
 # flat background's colour, the mean of ~1000 latent values, still shows through noise up to sigma ~0.95, so a
 # decoder trained unshifted reads it from the noisy latent instead of the caption, and from pure noise draws any
 # background (measured on the world, 2026-12-01: with shift 1, swapping "gray" and "black" in the captions changed the
-# decoder SFT loss by < 0.1% at every sigma; with shift 3 it doubled it at sigma 0.7, and the full captions'
+# decoder SFT loss by < 0.1% at every sigma; with shift 3 it tripled it at sigma 0.7, and the full captions'
 # reconstruction score rose from 0.12 to 0.21 at the same 600 steps).
 SCHEDULER_SHIFT = 3.0
 # Released sampling defaults except what the world's size changes: 64 px images, a 112 px captioner input, and
