@@ -18,11 +18,12 @@ on the first seed (lr 0: must stay flat; token_mean loss normalisation: must ris
 bias of the per-sequence mean). After every stage the model is evaluated on held-out scenes, Unified-Bench style:
 greedy caption -> regenerate -> cosine of the world CLIP's image features (recon_score, with its standard error
 over images; a change between stages is judged against the standard error of the per-image change, the scenes and
-render seeds being the same at every stage), caption length and attribute precision / recall / F1; and the decoder
-alone, from the ground-truth full captions: recon_score_fixed and attribute_accuracy (is each object's colour present
-in its cell of the generated image: a GenEval in miniature). Floor: the empty caption; ceiling: the ground-truth full
-caption, both through the start decoder and the last stage's (a seed's own ceiling is its last stage's
-recon_score_fixed).
+render seeds being the same at every stage), caption length and attribute precision / recall / F1, and what the
+captioner sees apart from what it says (colour_accuracy: teacher-forced on a level-2 caption up to an object's colour,
+is that colour its most likely next word; chance 1 / 5); and the decoder alone, from the ground-truth full captions:
+recon_score_fixed and attribute_accuracy (is each object's colour present in its cell of the generated image: a
+GenEval in miniature). Floor: the empty caption; ceiling: the ground-truth full caption, both through the start
+decoder and the last stage's (a seed's own ceiling is its last stage's recon_score_fixed).
 
 Writes DIR/report.json ({"stages": [...], "floor": ..., "ceiling": ..., "targets": ...}), DIR/report.html (tables,
 reward curves, source / reconstruction grids and captions before and after) and the runs under DIR/runs/. The world
@@ -290,6 +291,7 @@ class Evaluator:
         self.scenes = world.read_scenes(w.folder / "data" / "heldout")
         self.sources = [world.render(s, SIZE) for s in self.scenes]
         self.full_captions = [world.describe(s, world.LEVELS - 1) for s in self.scenes]
+        self.cues = [(i, prefix, colour) for i, s in enumerate(self.scenes) for prefix, colour in world.colour_cues(s)]
         self.reward = ReconstructionReward(clip_backbone(CLIP.from_pretrained(w.clip, dtype=torch.float32)))
         self.source_features = self.reward.source_features(self.sources)
 
@@ -315,6 +317,42 @@ class Evaluator:
         return mean(s), stderr(s), s
 
     @torch.no_grad()
+    def colour_logits(self, uae) -> torch.Tensor:
+        """[n_cues, len(world.A_COLOURS)]: the captioner's next-token logits of each object colour that takes "a",
+        teacher-forced on each held-out `world.colour_cues` prefix after the image prompt that `UAE.caption` uses."""
+        from train import world
+
+        p = uae.processor
+        candidates = []
+        for colour in world.A_COLOURS:
+            ids = p.encode(" " + colour)
+            if len(ids) != 1:
+                raise ValueError(f"the captioner's tokenizer writes ' {colour}' as {len(ids)} tokens; colour_logits "
+                                 "reads one token per colour (the world's tokenizer)")
+            candidates += ids
+        out = []
+        for i in range(0, len(self.cues), 32):
+            chunk = self.cues[i:i + 32]
+            # A placeholder after each prefix: caption_hidden's state at its index is the one that predicts it.
+            rows = [p.encode(prefix) + candidates[:1] for _, prefix, _ in chunk]
+            n = max(map(len, rows))
+            tokens = torch.tensor([r + [p.pad_token_id] * (n - len(r)) for r in rows], device=uae.device)
+            mask = torch.tensor([[j < len(r) for j in range(n)] for r in rows], device=uae.device)
+            hidden = uae.caption_hidden(uae.caption_inputs([self.sources[k] for k, _, _ in chunk]), tokens, mask)
+            last = hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
+            out.append(uae.lvlm.lm_head(last)[:, candidates].float())
+        return torch.cat(out)
+
+    def colour_accuracy(self, uae) -> float:
+        """What the captioner sees, apart from how much it says: the share of held-out objects whose colour its
+        `colour_logits` rank first (chance: 1 / len(world.A_COLOURS)). A captioner that names objects' colours it
+        cannot see adds wrong facts, which caps what GRPO on the captioner can gain in recall."""
+        from train import world
+
+        named = [world.A_COLOURS[int(j)] for j in self.colour_logits(uae).argmax(-1)]
+        return mean([float(n == colour) for n, (_, _, colour) in zip(named, self.cues)])
+
+    @torch.no_grad()
     def stage(self, run: Path | None) -> dict:
         from train import world
 
@@ -330,7 +368,7 @@ class Evaluator:
             "caption_len": mean([len(c.split()) for c in captions]),
             "caption_recall": mean([c["recall"] for c in caption_scores]),
             "caption_precision": mean([c["precision"] for c in caption_scores]),
-            "caption_f1": mean([c["f1"] for c in caption_scores]),
+            "caption_f1": mean([c["f1"] for c in caption_scores]), "colour_accuracy": self.colour_accuracy(uae),
             "recon_score_fixed": fixed_score, "recon_stderr_fixed": fixed_err,
             "attribute_accuracy": mean([world.attribute_accuracy(im, s) for im, s in zip(fixed, self.scenes)]),
             "recon_per_image": per_image, "recon_fixed_per_image": fixed_per_image,
@@ -489,7 +527,7 @@ def write_report(out: Path, report: dict, grids: dict, runs: dict) -> None:
         return f"{v:.4f}" if isinstance(v, float) else html.escape(str(v))
 
     cols = ["stage", "seed", "recon_score", "recon_stderr", "caption_len", "caption_precision", "caption_recall",
-            "caption_f1", "recon_score_fixed", "attribute_accuracy"]
+            "caption_f1", "colour_accuracy", "recon_score_fixed", "attribute_accuracy"]
     body = ["<h1>UAE on the toy world</h1>", f"<p>{html.escape(report['summary'])}</p>", "<h2>Targets</h2>",
             "<table><tr><th>target</th><th>goal</th><th>measured</th><th>met</th></tr>"]
     for t in report["targets"]:

@@ -23,7 +23,7 @@ def test_quick_run_writes_the_report(quick_report):
         ("start", 0), ("cold_start", 0), ("grpo_encoder", 0), ("grpo_decoder", 0)]
     for row in saved["stages"]:
         for key in ("recon_score", "recon_stderr", "caption_len", "caption_recall", "caption_precision",
-                    "caption_f1", "recon_score_fixed", "attribute_accuracy"):
+                    "caption_f1", "colour_accuracy", "recon_score_fixed", "attribute_accuracy"):
             assert math.isfinite(row[key]), (row["stage"], key)
         assert -1 <= row["recon_score"] <= 1 and 0 <= row["caption_recall"] <= 1
     assert {"recon_score", "recon_stderr"} <= set(saved["floor"]) and {"recon_score"} <= set(saved["ceiling"])
@@ -97,6 +97,29 @@ def test_evaluator_renders_each_caption_as_if_alone(quick_report):
     diffs = [np.abs(np.asarray(a, dtype=int) - np.asarray(b, dtype=int)).max() for a, b in zip(images, alone)]
     assert max(diffs) <= 1, diffs
     assert np.abs(np.asarray(images[0], dtype=int) - np.asarray(images[4], dtype=int)).max() > 1  # other seeds
+
+
+def test_colour_logits_are_the_next_token_logits_after_each_cue(quick_report):
+    # The batched, teacher-forced read equals a plain forward over each cue's prompt + prefix alone, at its last token.
+    import torch
+
+    from train import world
+
+    out, _ = quick_report
+    ev = toy_world.Evaluator(toy_world.World(out / "world"), toy_world.QUICK)
+    uae = ev.model(None)
+    assert len({len(uae.processor.encode(prefix)) for _, prefix, _ in ev.cues}) > 1  # padding is exercised
+    candidates = [uae.processor.encode(" " + c)[0] for c in world.A_COLOURS]
+    reference = []
+    for k, prefix, _ in ev.cues:
+        inputs = uae.caption_inputs([ev.sources[k]])
+        ids = torch.cat([inputs["input_ids"], torch.tensor([uae.processor.encode(prefix)])], dim=1)
+        hidden = uae.lvlm.forward_hidden(ids, pixel_values=inputs["pixel_values"],
+                                         image_grid_thw=inputs["image_grid_thw"])
+        reference.append(uae.lvlm.lm_head(hidden[0, -1])[candidates])
+    torch.testing.assert_close(ev.colour_logits(uae), torch.stack(reference).detach(), rtol=1e-4, atol=1e-5)
+    named = [world.A_COLOURS[int(j)] for j in torch.stack(reference).argmax(-1)]
+    assert ev.colour_accuracy(uae) == sum(n == c for n, (_, _, c) in zip(named, ev.cues)) / len(ev.cues)
 
 
 def test_a_folder_that_is_not_a_world_is_refused(tmp_path):

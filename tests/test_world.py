@@ -9,7 +9,8 @@ from PIL import Image
 
 from train.data import ImageCaptionDataset
 from train.world import (BACKGROUNDS, COLOURS, LEVELS, POSITIONS, SHAPES, SIZES, ParsedObject, Scene, WorldObject,
-                         _best_matching, attribute_accuracy, corpus, describe, echo_text, is_heldout, parse,
+                         A_COLOURS, _best_matching, attribute_accuracy, colour_cues, corpus, describe, echo_text,
+                         is_heldout, parse,
                          read_scenes, render, sample_scene, scenes, score_caption, write_echo_texts, write_split)
 
 TWO = Scene("gray", (WorldObject("square", "orange", "small", "center"),
@@ -81,6 +82,20 @@ def test_describe_levels():
     for level in (-1, 5):
         with pytest.raises(ValueError, match="caption level"):
             describe(TWO, level)
+
+
+def test_colour_cues_stop_where_an_objects_colour_is_named():
+    three = Scene("gray", (WorldObject("circle", "red", "large", "top left"),
+                           WorldObject("square", "orange", "small", "center"),
+                           WorldObject("circle", "red", "small", "bottom right")))
+    # "a red object, an orange object and a red object on a gray background.": orange is given away by "an"
+    assert colour_cues(three) == [("a", "red"), ("a red object, an orange object and a", "red")]
+    assert set(A_COLOURS) == set(COLOURS) - {"orange"}
+    for scene in scenes("train", 200, seed=5):
+        cues = colour_cues(scene)
+        assert [c for _, c in cues] == [o.colour for o in scene.objects if o.colour != "orange"]
+        for prefix, colour in cues:
+            assert describe(scene, 2).startswith(f"{prefix} {colour} object") and prefix.split()[-1] == "a"
 
 
 def test_parse_reads_every_level_exactly():

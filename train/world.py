@@ -188,6 +188,23 @@ def describe(scene: Scene, level: int) -> str:
     return f"{_join(parts)} on a {background}"
 
 
+# The object colours named with the article "a" (all but orange): after "an" a caption has given the colour away.
+A_COLOURS = tuple(c for c in COLOURS if _article(c) == "a")
+
+
+def colour_cues(scene: Scene) -> list[tuple[str, str]]:
+    """Where a captioner must look at an object to go on: for each object whose colour is in A_COLOURS, its level-2
+    caption up to that colour word ("a red object and a" for the second object of "a red object and a blue object on
+    a gray background.") and the colour. Objects of an "an" colour are left out: the article names them."""
+    caption, cues, start = describe(scene, 2), [], 0
+    for o in scene.objects:
+        at = caption.index(f" {o.colour} object", start)
+        start = at + 1
+        if o.colour in A_COLOURS:
+            cues.append((caption[:at], o.colour))
+    return cues
+
+
 @dataclass(frozen=True)
 class ParsedObject:
     """An object a caption mentions; None for each attribute it does not state."""
@@ -426,5 +443,5 @@ def read_scenes(folder: str | Path) -> list[Scene]:
 
 __all__ = ["COLOURS", "BACKGROUNDS", "SHAPES", "SIZES", "POSITIONS", "LEVELS", "MAX_OBJECTS", "WorldObject", "Scene",
            "ParsedObject", "Parsed", "sample_scene", "is_heldout", "scenes", "render", "describe", "parse",
-           "score_caption", "attribute_accuracy", "corpus", "echo_text", "write_echo_texts", "write_split",
-           "read_scenes"]
+           "A_COLOURS", "colour_cues", "score_caption", "attribute_accuracy", "corpus", "echo_text", "write_echo_texts",
+           "write_split", "read_scenes"]
