@@ -331,16 +331,18 @@ class Evaluator:
                                  "reads one token per colour (the world's tokenizer)")
             candidates += ids
         out = []
-        for i in range(0, len(self.cues), 32):
-            chunk = self.cues[i:i + 32]
+        for first in range(0, len(self.sources), 16):  # each image's vision tower and prompt once (caption_rows)
+            chunk = [(k - first, prefix) for k, prefix, _ in self.cues if first <= k < first + 16]
+            if not chunk:
+                continue
             # A placeholder after each prefix: caption_hidden's state at its index is the one that predicts it.
-            rows = [p.encode(prefix) + candidates[:1] for _, prefix, _ in chunk]
-            n = max(map(len, rows))
-            tokens = torch.tensor([r + [p.pad_token_id] * (n - len(r)) for r in rows], device=uae.device)
-            mask = torch.tensor([[j < len(r) for j in range(n)] for r in rows], device=uae.device)
-            hidden = uae.caption_hidden(uae.caption_inputs([self.sources[k] for k, _, _ in chunk]), tokens, mask)
-            last = hidden[torch.arange(len(rows)), torch.tensor([len(r) - 1 for r in rows])]
-            out.append(uae.lvlm.lm_head(last)[:, candidates].float())
+            rows = [torch.tensor(p.encode(prefix) + candidates[:1]) for _, prefix in chunk]
+            lengths = torch.tensor([len(r) for r in rows])
+            tokens = torch.nn.utils.rnn.pad_sequence(rows, batch_first=True, padding_value=p.pad_token_id)
+            mask = torch.arange(tokens.shape[1]) < lengths[:, None]
+            inputs = uae.caption_rows(uae.caption_inputs(self.sources[first:first + 16]), [k for k, _ in chunk])
+            hidden = uae.caption_hidden(inputs, tokens.to(uae.device), mask.to(uae.device))
+            out.append(uae.lvlm.lm_head(hidden[torch.arange(len(rows)), lengths - 1])[:, candidates].float())
         return torch.cat(out)
 
     def colour_accuracy(self, uae) -> float:

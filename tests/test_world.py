@@ -10,8 +10,8 @@ from PIL import Image
 from train.data import ImageCaptionDataset
 from train.world import (BACKGROUNDS, COLOURS, LEVELS, POSITIONS, SHAPES, SIZES, ParsedObject, Scene, WorldObject,
                          A_COLOURS, _best_matching, attribute_accuracy, colour_cues, corpus, describe, echo_text,
-                         is_heldout, parse,
-                         read_scenes, render, sample_scene, scenes, score_caption, write_echo_texts, write_split)
+                         is_heldout, parse, read_scenes, render, sample_scene, scenes, score_caption,
+                         write_echo_texts, write_split)
 
 TWO = Scene("gray", (WorldObject("square", "orange", "small", "center"),
                      WorldObject("circle", "red", "large", "top left")))
