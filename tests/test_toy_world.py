@@ -40,6 +40,25 @@ def test_quick_run_writes_the_report(quick_report):
                                                        "grpo_decoder"]
 
 
+def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
+    # The plan's SFT settings reach the training scripts: a dropped or misspelled option would train the world's
+    # captioner or decoder with the scripts' defaults instead.
+    from train.common import latest_checkpoint
+
+    out, _ = quick_report
+    plan = toy_world.QUICK
+    _, decoder = latest_checkpoint(out / "world" / "runs" / "sft_decoder")
+    assert {k: decoder["options"][k] for k in ("steps", "batch_size", "lr", "lr_schedule", "warmup_steps",
+                                                "caption_dropout", "logit_mean")} == {
+        "steps": plan.decoder_steps, "batch_size": plan.decoder_batch, "lr": plan.decoder_lr,
+        "lr_schedule": plan.decoder_lr_schedule, "warmup_steps": plan.decoder_warmup_steps,
+        "caption_dropout": plan.decoder_caption_dropout, "logit_mean": plan.decoder_logit_mean}
+    _, captioner = latest_checkpoint(out / "world" / "runs" / "sft_captioner")
+    assert {k: captioner["options"][k] for k in ("steps", "batch_size", "lr", "text_batch_size", "text_weight")} == {
+        "steps": plan.captioner_steps, "batch_size": plan.captioner_batch, "lr": plan.captioner_lr,
+        "text_batch_size": plan.captioner_text_batch, "text_weight": plan.captioner_text_weight}
+
+
 def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
     # The README's second command: train/grpo_decoder.py on the prepared world, from its start, with the held-out
     # scenes evaluated before the first step and after the last.
