@@ -63,10 +63,11 @@ class Plan:
     # depends on them, so a prepared world takes another count without a rebuild. 128: the standard error of a
     # stage's per-image change is ~0.04 there, against stage 2's ~+0.1.
     n_heldout: int = 128
-    # Measured alone on a 2-core VM (2026-12-01): captioner SFT ~0.33 s/step (32 pairs + 16 texts), decoder SFT
-    # ~0.3 s/step at batch 32, cold start ~0.9 s/step, GRPO on the captioner ~1 s/step (2 images x G 8, 40 tokens),
-    # Flow-GRPO ~2.1 s/step (2 x 8, 8 steps, all 7 trained). Another 2-core VM (AMD EPYC) was ~2.5x slower
-    # throughout; there the stage 3 below (4 x 8, 3 trained steps) took ~5 s/step.
+    # Measured alone on a 2-core VM (2026-12-01): captioner SFT ~0.33 s/step (32 pairs + 16 texts), decoder SFT ~0.3
+    # s/step at batch 32 (2026-12-02: 0.12 s/step at batch 16 from its latent cache), cold start ~0.9 s/step, GRPO on
+    # the captioner ~1 s/step (2 images x G 8, 40 tokens), Flow-GRPO ~2.1 s/step (2 x 8, 8 steps, all 7 trained).
+    # Another 2-core VM (AMD EPYC) was ~2.5x slower throughout; there the stage 3 below (4 x 8, 3 trained steps) took ~5
+    # s/step.
     # 1200 steps: the 4-layer LM attends to an object's few visual tokens only after a plateau; the start captioner
     # names an object's colour right 20% / 24% / 64% of the time (chance 20%) after 400 / 800 / 1200 steps, and a
     # captioner that cannot see the objects adds wrong ones when stage 2 makes it say more.
@@ -80,9 +81,13 @@ class Plan:
     # without it the LM's last states lose what a caption says and the decoder SFT cannot learn to follow captions.
     captioner_text_batch: int = 16
     captioner_text_weight: float = 1.0
-    decoder_steps: int = 600
-    decoder_batch: int = 32
-    decoder_lr: float = 1e-3
+    # 3000 steps of 16 at lr 2e-3: the DiT learns where a caption puts objects only slowly. Measured on one captioner
+    # (2026-12-02, ground-truth-caption score / attribute accuracy on 128 held-out scenes): 600 x 32 at lr 1e-3 0.24 /
+    # 0.35, whose loss at sigma 0.97 (0.51) was that of knowing the background alone (0.48): it ignored the objects;
+    # 1500 x 32 at 2e-3 0.27 / 0.40; 2400 x 32 at 2e-3 0.38 / 0.39; 2400 x 16 0.31 / 0.25; 3000 x 16 0.37 / 0.39.
+    decoder_steps: int = 3000
+    decoder_batch: int = 16
+    decoder_lr: float = 2e-3
     decoder_lr_schedule: str = "cosine"
     decoder_warmup_steps: int = 30
     # Pairs trained with UAE's negative prompt in place of their caption (SD3's text dropout): classifier-free
@@ -229,7 +234,7 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
         plan.decoder_lr_schedule, "--warmup-steps", str(plan.decoder_warmup_steps), "--caption-dropout",
         str(plan.decoder_caption_dropout), "--logit-mean", str(plan.decoder_logit_mean), "--steps",
         str(plan.decoder_steps), "--save-every", str(plan.decoder_steps), "--seed", str(plan.world_seed),
-        "--out", str(w.start)])
+        "--cache-latents", str(folder / "cache" / "train_full"), "--out", str(w.start)])
     times["decoder_s"] = time.perf_counter() - t
     w.write_train_args(plan)
     write_json(marker, {"settings": settings, "measured": {**measured, **times}})

@@ -2,6 +2,7 @@
 evaluation on held-out scenes, report), the world cache, and the targets' bookkeeping."""
 import json
 import math
+from pathlib import Path
 
 import pytest
 
@@ -53,6 +54,8 @@ def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
         "steps": plan.decoder_steps, "batch_size": plan.decoder_batch, "lr": plan.decoder_lr,
         "lr_schedule": plan.decoder_lr_schedule, "warmup_steps": plan.decoder_warmup_steps,
         "caption_dropout": plan.decoder_caption_dropout, "logit_mean": plan.decoder_logit_mean}
+    # The decoder trains from a latent cache inside the world folder, so a rebuilt world never reads another's.
+    assert Path(decoder["options"]["cache_latents"]).is_relative_to(out / "world")
     _, captioner = latest_checkpoint(out / "world" / "runs" / "sft_captioner")
     assert {k: captioner["options"][k] for k in ("steps", "batch_size", "lr", "text_batch_size", "text_weight")} == {
         "steps": plan.captioner_steps, "batch_size": plan.captioner_batch, "lr": plan.captioner_lr,
