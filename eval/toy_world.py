@@ -63,11 +63,10 @@ class Plan:
     # depends on them, so a prepared world takes another count without a rebuild. 128: the standard error of a
     # stage's per-image change is ~0.04 there, against stage 2's ~+0.1.
     n_heldout: int = 128
-    # Measured alone on a 2-core VM (2026-12-01): captioner SFT ~0.33 s/step (32 pairs + 16 texts), decoder SFT ~0.3
-    # s/step at batch 32 (2026-12-02: 0.12 s/step at batch 16 from its latent cache), cold start ~0.9 s/step, GRPO on
-    # the captioner ~1 s/step (2 images x G 8, 40 tokens), Flow-GRPO ~2.1 s/step (2 x 8, 8 steps, all 7 trained).
-    # Another 2-core VM (AMD EPYC) was ~2.5x slower throughout; there the stage 3 below (4 x 8, 3 trained steps) took ~5
-    # s/step.
+    # Measured alone on a 2-core VM (2026-12-01): captioner SFT ~0.33 s/step (32 pairs + 16 texts), cold start
+    # ~0.9 s/step, GRPO on the captioner ~1 s/step (2 images x G 8, 40 tokens), Flow-GRPO ~2.1 s/step (2 x 8, 8 steps,
+    # all 7 trained); decoder SFT 0.12 s/step at batch 16 from its latent cache (2026-12-02). Some 2-core VMs (AMD EPYC)
+    # were ~2.5x slower throughout; there the stage 3 below (4 x 8, 3 trained steps) took ~5 s/step.
     # 1200 steps: the 4-layer LM attends to an object's few visual tokens only after a plateau; the start captioner
     # names an object's colour right 20% / 24% / 64% of the time (chance 20%) after 400 / 800 / 1200 steps, and a
     # captioner that cannot see the objects adds wrong ones when stage 2 makes it say more.
