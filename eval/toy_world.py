@@ -49,7 +49,7 @@ from PIL import Image, ImageDraw
 
 from eval.cli import HelpFormatter, write_json, write_text
 
-WORLD_VERSION = 4  # bump when train/world.py or train/world_models.py change what a prepared world holds
+WORLD_VERSION = 5  # bump when train/world.py or train/world_models.py change what a prepared world holds
 SIZE = 64  # image size of the world, in pixels
 
 

@@ -79,6 +79,20 @@ def test_base_loads_as_plain_parts_and_runs_at_64px(base):
     assert int((inputs["input_ids"] == uae.processor.image_token_id).sum()) == 2 * 16
 
 
+
+def test_connector_starts_at_the_scale_of_the_captioners_states(base):
+    # At normal(0, 0.02) the connector's two layers shrank the states ~30x and the decoder SFT learned little of a
+    # caption's objects from them (train/world_models.py `_init_fan_in`); each layer now keeps its input's scale.
+    uae = UAE.from_pretrained(**parts(base[0]), dtype=torch.float32)
+    captions = [world.describe(s, 4) for s in world.scenes("heldout", 6, SEED)]
+    ids, mask = uae.generate_turn_ids(captions)
+    with torch.no_grad():
+        hidden = uae.lvlm.forward_hidden(ids, attention_mask=mask)
+        context = uae.connector(hidden)
+    keep = mask.bool()
+    ratio = (context[keep].pow(2).mean() / hidden[keep].pow(2).mean()).sqrt().item()
+    assert 0.2 < ratio < 2.0, f"connector output RMS / input RMS = {ratio:.3f}"
+
 def test_vae_reconstructs_better_than_mean_colour(base):
     folder, report = base
     vae = VAE.from_pretrained(folder / "sd3" / "vae")
