@@ -79,7 +79,6 @@ def test_base_loads_as_plain_parts_and_runs_at_64px(base):
     assert int((inputs["input_ids"] == uae.processor.image_token_id).sum()) == 2 * 16
 
 
-
 def test_connector_starts_at_the_scale_of_the_captioners_states(base):
     # At normal(0, 0.02) the connector's two layers shrank the states ~30x and the decoder SFT learned little of a
     # caption's objects from them (train/world_models.py `_init_fan_in`); each layer now keeps its input's scale.
@@ -92,6 +91,7 @@ def test_connector_starts_at_the_scale_of_the_captioners_states(base):
     keep = mask.bool()
     ratio = (context[keep].pow(2).mean() / hidden[keep].pow(2).mean()).sqrt().item()
     assert 0.2 < ratio < 2.0, f"connector output RMS / input RMS = {ratio:.3f}"
+
 
 def test_vae_reconstructs_better_than_mean_colour(base):
     folder, report = base
