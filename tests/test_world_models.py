@@ -81,7 +81,7 @@ def test_base_loads_as_plain_parts_and_runs_at_64px(base):
 
 def test_connector_starts_at_the_scale_of_the_captioners_states(base):
     # At normal(0, 0.02) the connector's two layers shrank the states ~30x and the decoder SFT learned little of a
-    # caption's objects from them (train/world_models.py `_init_fan_in`); each layer now keeps its input's scale.
+    # caption's objects from them (train/world_models.py `prepare_base`); each layer now keeps its input's scale.
     uae = UAE.from_pretrained(**parts(base[0]), dtype=torch.float32)
     captions = [world.describe(s, 4) for s in world.scenes("heldout", 6, SEED)]
     ids, mask = uae.generate_turn_ids(captions)
