@@ -84,7 +84,7 @@ def lvlm_config(vocab_size: int, special_ids: Mapping[str, int]) -> Qwen25VLConf
 # 4x downsampling (three blocks): 64 px -> 16 x 16 x 4 latents, the compression of SD3's 8x / 16 channels (12 values
 # per latent value), and 8 x 8 DiT tokens of 8 px, finer than the grid's cells. The scaling and shift factors are
 # placeholders until `train_vae` measures them on its latents, as SD3's were. Widths: (16, 32, 64) costs twice as much
-# per step and learns no faster per step; these reach ~31.6 dB held-out PSNR in 1000 steps of 8 (~85 s on 2 cores).
+# per step and learns no faster per step; these reach ~30 dB held-out PSNR in 800 steps of 8 (~60 s on 2 cores).
 VAE_CONFIG = VAEConfig(block_out_channels=(16, 16, 32), layers_per_block=1, latent_channels=4, norm_num_groups=8,
                        scaling_factor=1.0, shift_factor=0.0)
 # SD3.5-large's MMDiT (qk RMSNorm, no MMDiT-X blocks) at 4 heads of 32, 4 blocks (~0.2 s per training step of 16 on
@@ -517,8 +517,10 @@ def _init_normal(module: nn.Module, std: float | None = 0.02) -> nn.Module:
 
 
 # Part sizes of prepare_base: (VAE training scenes, steps, batch), (CLIP pool scenes, steps, batch), held-out scenes.
-# Full: ~85 s + ~80 s on two idle cores (31.6 dB PSNR, top-1 0.75 among 256); quick: ~15 s, for tests.
-_FULL = {"vae": (2048, 1000, 8), "clip": (4096, 800, 64), "heldout": 256}
+# Full: ~60 s + ~70 s on two idle cores (~30 dB PSNR, top-1 ~0.7 among 256); quick: ~15 s, for tests. The VAE's
+# 800 steps rather than 1000 (until WORLD_VERSION 6: 31.4 dB, against 29.6): the world's preparation then fits its 15
+# minutes.
+_FULL = {"vae": (2048, 800, 8), "clip": (4096, 800, 64), "heldout": 256}
 _QUICK = {"vae": (256, 120, 8), "clip": (512, 120, 32), "heldout": 64}
 
 
