@@ -29,6 +29,12 @@ def test_quick_run_writes_the_report(quick_report):
         assert -1 <= row["recon_score"] <= 1 and 0 <= row["caption_recall"] <= 1
     assert {"recon_score", "recon_stderr"} <= set(saved["floor"]) and {"recon_score"} <= set(saved["ceiling"])
     assert [t["target"] for t in saved["targets"]][0] == "stage 2: caption recall"
+    # The time budgets are targets too; the preparation's is what world.json recorded when the world was built.
+    times = {t["target"]: t for t in saved["targets"] if t["target"].startswith("time: ")}
+    recorded = json.loads((out / "world" / "world.json").read_text())["measured"]["prepare_s"]
+    assert 0 < recorded <= saved["timing_s"]["prepare"]
+    assert times["time: preparation"]["measured"] == f"{recorded / 60:.1f} min"
+    assert set(times) == {"time: preparation", "time: pipeline and report"}
     assert "a --quick run" in saved["summary"]
     page = (out / "report.html").read_text()
     assert "Targets" in page and "floor (empty caption)" in page and "ceiling (ground-truth caption)" in page
@@ -179,6 +185,20 @@ def test_targets_are_judged_from_the_rows():
     met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)}, floor=0.1)}
     assert not met["stage 2: caption length"] and not met["stage 3: attribute accuracy"]
     assert not met["stage 2 control lr 0: flat"]
+
+
+def test_time_targets_hold_the_budget_and_a_reused_world_its_build_time(tmp_path):
+    met = {t["target"]: t["met"] for t in toy_world.time_targets(toy_world.BUDGET_S, toy_world.BUDGET_S + 1)}
+    assert met == {"time: preparation": True, "time: pipeline and report": False}
+    # A reused world takes no time to prepare in the run that reuses it: its recorded build time counts, or for a
+    # world written before the total was recorded, the sum of its recorded parts.
+    world = toy_world.World(tmp_path)
+    parts = {"seconds": {"vae": 60.0, "clip": 70.0}, "data_s": 3.0, "captioner_s": 320.0, "decoder_s": 450.0}
+    (tmp_path / "world.json").write_text(json.dumps({"settings": {}, "measured": parts}))
+    assert toy_world.preparation_seconds(world) == pytest.approx(903.0)
+    (tmp_path / "world.json").write_text(json.dumps({"settings": {}, "measured": {**parts, "prepare_s": 910.5}}))
+    assert toy_world.preparation_seconds(world) == 910.5
+    assert not toy_world.time_targets(toy_world.preparation_seconds(world), 0.0)[0]["met"]
 
 
 def test_a_change_is_judged_against_the_per_image_change():
