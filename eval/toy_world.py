@@ -243,16 +243,6 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     return w
 
 
-def preparation_seconds(w: World) -> float:
-    """How long preparing the world took when it was built (a reused world takes no time in the run that reuses it).
-    Worlds written before world.json recorded the total give the sum of their recorded parts."""
-    measured = json.loads((w.folder / "world.json").read_text())["measured"]
-    if "prepare_s" in measured:
-        return measured["prepare_s"]
-    return sum(measured.get("seconds", {}).values()) + sum(measured.get(k, 0.0) for k in (
-        "data_s", "captioner_s", "decoder_s"))
-
-
 def write_heldout(w: World, plan: Plan) -> None:
     """The held-out split of `plan.n_heldout` scenes with their full-detail captions, (re)written unless the world
     holds exactly those (a larger count extends a smaller one: train/world.py `scenes`)."""
@@ -662,8 +652,10 @@ def main(argv: list[str] | None = None) -> dict:
         return {"recon_score": row["recon_score_fixed"], "recon_stderr": row["recon_stderr_fixed"]}
 
     pipeline_s = time.perf_counter() - t1
+    built = json.loads((w.folder / "world.json").read_text())
+    # The preparation's time is the world's build time, recorded in world.json: a reused world takes none here.
     targets = check_targets(rows, controls, floor_start["recon_score"]) + time_targets(
-        preparation_seconds(w), pipeline_s)
+        built["measured"]["prepare_s"], pipeline_s)
     missed = [t["target"] for t in targets if not t["met"]]
     report = {
         "stages": rows, "controls": controls,
@@ -673,7 +665,7 @@ def main(argv: list[str] | None = None) -> dict:
                     "per_seed": {str(s): last_row(rows, s)["recon_score_fixed"] for s in plan.seeds}},
         "targets": targets, "plan": dataclasses.asdict(plan),
         "timing_s": {"prepare": round(prepare_s, 1), "pipeline_and_report": None},
-        "world": json.loads((w.folder / "world.json").read_text()),
+        "world": built,
         "summary": ("every target met" if not missed else f"MISSED: {'; '.join(missed)}")
                    + (" (a --quick run: the targets are not expected)" if a.quick else ""),
         "_sample_captions": list(zip(ev.full_captions[:8], start["captions"][:8], after_captions[:8])),
