@@ -8,10 +8,11 @@ exist at five detail levels and a parser maps any caption back to the attributes
 and recall against the true scene are exact. The world's models are trained here with the project's own code and
 saved in the official layouts (train/world_models.py): a VAE (autoencoder), a CLIP trained contrastively (the frozen
 reward and benchmark backbone), a byte-level BPE tokenizer with the Qwen chat tokens, then a captioner
-(train/sft_captioner.py, full-parameter, on a MIX of detail levels, so the starting policy sometimes says more, with
-its text objective on the world's echo texts, so that the LM's last states keep what a caption says) and a decoder
-(train/sft_decoder.py, full-parameter, on full-detail captions, 10% of them replaced by UAE's negative prompt so that
-classifier-free guidance subtracts a prediction the decoder was trained for). The result is the pipeline's start.
+(train/sft_captioner.py, full-parameter, first on captions that name colours, then on a MIX of detail levels, so the
+starting policy says little and sometimes more, with its text objective on the world's echo texts, so that the LM's
+last states keep what a caption says) and a decoder (train/sft_decoder.py, full-parameter, on full-detail captions,
+10% of them replaced by UAE's negative prompt so that classifier-free guidance subtracts a prediction the decoder
+was trained for). The result is the pipeline's start.
 
 The pipeline, per seed, with the same scripts as the real models: cold start -> GRPO on the captioner (the decoder
 frozen, its text encoding included: --text-encoder frozen) -> Flow-GRPO on the decoder; plus two stage-2 controls
@@ -49,7 +50,7 @@ from PIL import Image, ImageDraw
 
 from eval.cli import HelpFormatter, write_json, write_text
 
-WORLD_VERSION = 6  # bump when train/world.py or train/world_models.py change what a prepared world holds
+WORLD_VERSION = 7  # bump when train/world.py or train/world_models.py change what a prepared world holds
 SIZE = 64  # image size of the world, in pixels
 BUDGET_S = 15 * 60  # the time targets: preparing the world, and the pipeline with its report, each on 2 CPU cores
 
@@ -68,15 +69,24 @@ class Plan:
     # ~0.9 s/step, GRPO on the captioner ~1 s/step (2 images x G 8, 40 tokens), Flow-GRPO ~2.1 s/step (2 x 8, 8 steps,
     # all 7 trained); decoder SFT 0.12 s/step at batch 16 from its latent cache (2026-12-02). Some 2-core VMs (AMD EPYC)
     # were ~2.5x slower throughout; there the stage 3 below (4 x 8, 3 trained steps) took ~5 s/step.
-    # 1200 steps: the 4-layer LM attends to an object's few visual tokens only after a plateau; the start captioner
-    # names an object's colour right 20% / 24% / 64% of the time (chance 20%) after 400 / 800 / 1200 steps, and a
-    # captioner that cannot see the objects adds wrong ones when stage 2 makes it say more.
+    # 1200 steps in all (both parts below): the 4-layer LM attends to an object's few visual tokens only after a
+    # plateau; on the mix alone the start captioner named an object's colour right 20% / 24% / 64% of the time (chance
+    # 20%) after 400 / 800 / 1200 steps, and a captioner that cannot see the objects adds wrong ones when stage 2
+    # makes it say more.
     captioner_steps: int = 1200
     captioner_batch: int = 32
     captioner_lr: float = 2e-3
     # Caption levels of the captioner's SFT pairs, drawn uniformly from this list: mostly terse (background, count),
     # sometimes more, so that the start policy often says little and RL can find that detail pays.
     captioner_levels: tuple[int, ...] = (0, 0, 1, 1, 2, 3, 4)
+    # The first 600 steps train on captions that all name colours (levels 2-4), the last 600 on the mix above (a
+    # second run of train/sft_captioner.py, from the first's weights): in the mix only 3 pairs in 7 say what colour
+    # an object is, and the LM left its plateau late and at a machine's whim (colour accuracy 0.31 / 0.41 / 0.56 after
+    # 1200 steps at lr 4e-3 / 2e-3 / 3e-3 on one AMD VM, 0.68 at 2e-3 on an Intel one). This way, on that AMD VM:
+    # 0.88 / 0.71 at sampler seeds 0 / 1 (2026-12-03), and the greedy start caption stays terse (5 words, mostly "a
+    # gray background."): the mix comes last.
+    captioner_detail_steps: int = 600
+    captioner_detail_levels: tuple[int, ...] = (2, 3, 4)
     # The captioner SFT's text objective (train/sft_captioner.py --text-data) on echo texts of the train captions:
     # without it the LM's last states lose what a caption says and the decoder SFT cannot learn to follow captions.
     captioner_text_batch: int = 16
@@ -122,10 +132,17 @@ class Plan:
     controls: bool = True
     quick_world: bool = False
 
+    def __post_init__(self):
+        # The mix comes last: its run (runs/sft_captioner) is the captioner the decoder SFT starts from.
+        if not 0 <= self.captioner_detail_steps < self.captioner_steps:
+            raise ValueError(f"Plan.captioner_detail_steps must be in [0, captioner_steps {self.captioner_steps}), "
+                             f"got {self.captioner_detail_steps}")
+
     def world_settings(self) -> dict:
         """What the prepared world depends on: a world prepared with other values is not this one."""
         keys = ("world_seed", "n_train", "captioner_steps", "captioner_batch", "captioner_lr",
-                "captioner_levels", "captioner_text_batch", "captioner_text_weight", "decoder_steps", "decoder_batch",
+                "captioner_levels", "captioner_detail_steps", "captioner_detail_levels", "captioner_text_batch",
+                "captioner_text_weight", "decoder_steps", "decoder_batch",
                 "decoder_lr", "decoder_lr_schedule", "decoder_warmup_steps", "decoder_caption_dropout",
                 "decoder_logit_mean", "quick_world")
         values = {k: getattr(self, k) for k in keys}
@@ -133,9 +150,9 @@ class Plan:
         return {"version": WORLD_VERSION, "size": SIZE, **json.loads(json.dumps(values))}
 
 
-QUICK = Plan(seeds=(0,), n_train=32, n_heldout=4, captioner_steps=2, captioner_batch=4, captioner_text_batch=2,
-             decoder_steps=2, decoder_batch=4, decoder_warmup_steps=0, caption_tokens=12, sample_steps=2,
-             cold_start_steps=1, encoder_steps=2, encoder_group=2, encoder_images=1, decoder_rl_steps=2,
+QUICK = Plan(seeds=(0,), n_train=32, n_heldout=4, captioner_steps=2, captioner_detail_steps=1, captioner_batch=4,
+             captioner_text_batch=2, decoder_steps=2, decoder_batch=4, decoder_warmup_steps=0, caption_tokens=12,
+             sample_steps=2, cold_start_steps=1, encoder_steps=2, encoder_group=2, encoder_images=1, decoder_rl_steps=2,
              decoder_rl_group=2, decoder_rl_images=1, decoder_rl_sde_window="0:1", lora_rank=4, controls=False,
              quick_world=True)
 
@@ -212,6 +229,9 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     t = start = time.perf_counter()
     train = world.scenes("train", plan.n_train, plan.world_seed)
     world.write_split(folder / "data" / "train_mix", train, SIZE, levels=plan.captioner_levels, seed=plan.world_seed)
+    if plan.captioner_detail_steps:
+        world.write_split(folder / "data" / "train_detail", train, SIZE, levels=plan.captioner_detail_levels,
+                          seed=plan.world_seed)
     world.write_split(folder / "data" / "train_full", train, SIZE, levels=world.LEVELS - 1, seed=plan.world_seed)
     world.write_echo_texts(folder / "data" / "text_echo.jsonl", train)
     write_heldout(w, plan)
@@ -220,12 +240,17 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     measured = world_models.prepare_base(w.base, plan.world_seed, quick=plan.quick_world)
     t = time.perf_counter()
     print("toy world: training the captioner (train/sft_captioner.py) ...", flush=True)
-    sft_captioner.main(w.base_args() + [
-        "--data", str(w.data("train_mix")), "--lora-rank", "0", "--batch-size", str(plan.captioner_batch),
-        "--text-data", str(folder / "data" / "text_echo.jsonl"), "--text-batch-size", str(plan.captioner_text_batch),
-        "--text-weight", str(plan.captioner_text_weight),
-        "--lr", str(plan.captioner_lr), "--steps", str(plan.captioner_steps), "--save-every",
-        str(plan.captioner_steps), "--seed", str(plan.world_seed), "--out", str(folder / "runs" / "sft_captioner")])
+    parts = [("train_detail", plan.captioner_detail_steps, folder / "runs" / "sft_captioner_detail"),
+             ("train_mix", plan.captioner_steps - plan.captioner_detail_steps, folder / "runs" / "sft_captioner")]
+    init: list[str] = []
+    for data, steps, run in [part for part in parts if part[1] > 0]:
+        sft_captioner.main(w.base_args() + init + [
+            "--data", str(w.data(data)), "--lora-rank", "0", "--batch-size", str(plan.captioner_batch),
+            "--text-data", str(folder / "data" / "text_echo.jsonl"), "--text-batch-size",
+            str(plan.captioner_text_batch), "--text-weight", str(plan.captioner_text_weight),
+            "--lr", str(plan.captioner_lr), "--steps", str(steps), "--save-every", str(steps),
+            "--seed", str(plan.world_seed), "--out", str(run)])
+        init = ["--init", str(run)]
     times["captioner_s"] = time.perf_counter() - t
     t = time.perf_counter()
     print("toy world: training the decoder (train/sft_decoder.py) ...", flush=True)

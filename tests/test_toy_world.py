@@ -43,8 +43,8 @@ def test_quick_run_writes_the_report(quick_report):
     # Every stage ran with the real training scripts, from the previous stage (--init): the handoff says so.
     handoff = json.loads((out / "runs" / "seed0" / "grpo_decoder" / "step_00000002" / "model" / "handoff.json")
                          .read_text())
-    assert [s["stage"] for s in handoff["stages"]] == ["sft_captioner", "sft_decoder", "cold_start", "grpo_encoder",
-                                                       "grpo_decoder"]
+    assert [s["stage"] for s in handoff["stages"]] == ["sft_captioner", "sft_captioner", "sft_decoder", "cold_start",
+                                                       "grpo_encoder", "grpo_decoder"]
 
 
 def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
@@ -62,10 +62,21 @@ def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
         "caption_dropout": plan.decoder_caption_dropout, "logit_mean": plan.decoder_logit_mean}
     # The decoder trains from a latent cache inside the world folder, so a rebuilt world never reads another's.
     assert Path(decoder["options"]["cache_latents"]).is_relative_to(out / "world")
-    _, captioner = latest_checkpoint(out / "world" / "runs" / "sft_captioner")
-    assert {k: captioner["options"][k] for k in ("steps", "batch_size", "lr", "text_batch_size", "text_weight")} == {
-        "steps": plan.captioner_steps, "batch_size": plan.captioner_batch, "lr": plan.captioner_lr,
-        "text_batch_size": plan.captioner_text_batch, "text_weight": plan.captioner_text_weight}
+    # The captioner: first on captions that name colours, then on the mix of detail levels from those weights.
+    runs = out / "world" / "runs"
+    for run, steps, data in (("sft_captioner_detail", plan.captioner_detail_steps, "train_detail"),
+                             ("sft_captioner", plan.captioner_steps - plan.captioner_detail_steps, "train_mix")):
+        _, captioner = latest_checkpoint(runs / run)
+        assert {k: captioner["options"][k] for k in ("steps", "batch_size", "lr", "text_batch_size",
+                                                      "text_weight")} == {
+            "steps": steps, "batch_size": plan.captioner_batch, "lr": plan.captioner_lr,
+            "text_batch_size": plan.captioner_text_batch, "text_weight": plan.captioner_text_weight}
+        assert Path(captioner["options"]["data"]) == out / "world" / "data" / data / "data.jsonl"
+    assert captioner["options"]["init"] == str(runs / "sft_captioner_detail")
+    from train.world import parse
+    detail = [json.loads(line)["caption"]
+              for line in (out / "world" / "data" / "train_detail" / "data.jsonl").read_text().splitlines()]
+    assert detail and all(o.colour for c in detail for o in parse(c).objects) and all(parse(c).objects for c in detail)
 
 
 def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
@@ -161,6 +172,15 @@ def test_a_folder_that_is_not_a_world_is_refused(tmp_path):
 def _row(stage, seed, recon, err=0.01, recall=0.5, length=10.0, fixed=0.5, acc=0.5):
     return {"stage": stage, "seed": seed, "recon_score": recon, "recon_stderr": err, "caption_recall": recall,
             "caption_len": length, "recon_score_fixed": fixed, "recon_stderr_fixed": err, "attribute_accuracy": acc}
+
+
+def test_a_plan_whose_captioner_parts_do_not_fit_is_refused():
+    # The mix comes last (the decoder starts from its run): all 1200 steps on the detail captions leave none for it.
+    with pytest.raises(ValueError, match=r"captioner_detail_steps must be in \[0, captioner_steps 1200\), got 1200"):
+        toy_world.Plan(captioner_detail_steps=1200)
+    with pytest.raises(ValueError, match="got -1"):
+        toy_world.Plan(captioner_detail_steps=-1)
+    assert toy_world.Plan(captioner_detail_steps=0).captioner_detail_steps == 0  # the mix alone
 
 
 def test_targets_are_judged_from_the_rows():
