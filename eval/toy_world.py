@@ -243,7 +243,9 @@ def prepare_world(folder: Path, plan: Plan, rebuild: bool) -> World:
     parts = [("train_detail", plan.captioner_detail_steps, folder / "runs" / "sft_captioner_detail"),
              ("train_mix", plan.captioner_steps - plan.captioner_detail_steps, folder / "runs" / "sft_captioner")]
     init: list[str] = []
-    for data, steps, run in [part for part in parts if part[1] > 0]:
+    for data, steps, run in parts:
+        if steps == 0:  # no detail part: the mix alone, from the base
+            continue
         sft_captioner.main(w.base_args() + init + [
             "--data", str(w.data(data)), "--lora-rank", "0", "--batch-size", str(plan.captioner_batch),
             "--text-data", str(folder / "data" / "text_echo.jsonl"), "--text-batch-size",

@@ -74,9 +74,9 @@ def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
         assert Path(captioner["options"]["data"]) == out / "world" / "data" / data / "data.jsonl"
     assert captioner["options"]["init"] == str(runs / "sft_captioner_detail")
     from train.world import parse
-    detail = [json.loads(line)["caption"]
+    detail = [parse(json.loads(line)["caption"])
               for line in (out / "world" / "data" / "train_detail" / "data.jsonl").read_text().splitlines()]
-    assert detail and all(o.colour for c in detail for o in parse(c).objects) and all(parse(c).objects for c in detail)
+    assert detail and all(p.objects and all(o.colour for o in p.objects) for p in detail)  # every object's colour named
 
 
 def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
