@@ -597,7 +597,13 @@ def write_report(out: Path, report: dict, grids: dict, runs: dict) -> None:
     for t in report["targets"]:
         body.append(f"<tr><td>{cell(t['target'])}</td><td>{cell(t['goal'])}</td><td>{cell(t['measured'])}</td>"
                     f"<td>{'yes' if t['met'] else '<b>MISSED</b>'}</td></tr>")
-    body.append("</table><h2>Stages (held-out scenes)</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in cols)
+    body.append("</table>")
+    changes = report["world"].get("measured", {}).get("clip", {}).get("cos_change")
+    if changes:  # worlds prepared before clip_quality measured it lack it
+        body.append("<h2>What the reward pays</h2><p>The world CLIP's cosine between a held-out render and the render "
+                    "with one attribute of one object changed (1: the reward cannot see that attribute): "
+                    + ", ".join(f"{html.escape(a)} {c:.3f}" for a, c in changes.items()) + ".</p>")
+    body.append("<h2>Stages (held-out scenes)</h2><table><tr>" + "".join(f"<th>{c}</th>" for c in cols)
                 + "</tr>")
     shown = ([{"stage": "ceiling (ground-truth caption)", **report["ceiling"]}] + report["stages"]
              + [{"stage": f"control {k}", **v} for k, v in report["controls"].items()]

@@ -38,6 +38,9 @@ def test_quick_run_writes_the_report(quick_report):
     assert "a --quick run" in saved["summary"]
     page = (out / "report.html").read_text()
     assert "Targets" in page and "floor (empty caption)" in page and "ceiling (ground-truth caption)" in page
+    # What the reward CLIP pays for each attribute a caption states, as the world measured it when it was built.
+    changes = saved["world"]["measured"]["clip"]["cos_change"]
+    assert "What the reward pays" in page and all(f"{a} {c:.3f}" in page for a, c in changes.items())
     for name in ("reward_cold_start", "reward_grpo_encoder", "reward_grpo_decoder", "grid_reconstructions"):
         assert (out / "figures" / f"{name}.png").stat().st_size > 0
     # Every stage ran with the real training scripts, from the previous stage (--init): the handoff says so.

@@ -1,6 +1,7 @@
 """train/world_models.py: the toy world's tokenizer, its trained VAE and CLIP, and the base model folders, which must
 load through the same loaders (and training scripts) as official weights. One quick `prepare_base` serves the module.
 """
+import dataclasses
 import json
 
 import numpy as np
@@ -124,6 +125,10 @@ def test_clip_is_the_reward_backbone_and_separates_scenes(base):
     # An untrained CLIP maps every render to nearly one feature (cosines within 1e-5 of each other).
     assert different < same - 0.1, (same, different)
     assert report["clip"]["cos_different"] < report["clip"]["cos_same"]
+    # What the reward pays per attribute: a cosine for each one a caption states, none of them NaN.
+    changes = report["clip"]["cos_change"]
+    assert set(changes) == {"colour", "shape", "size", "position"}
+    assert all(-1.0 <= c <= report["clip"]["cos_same"] + 1e-3 for c in changes.values()), changes
     # The folder's tokenizer is the one the text tower was trained with, and the tower pools at its end token.
     tokenizer = CLIPTokenizer.from_pretrained(folder / "clip", max_length=clip.cfg.text.max_positions)
     ids, mask = tokenizer([world.describe(scenes[0], 4)])
@@ -132,6 +137,22 @@ def test_clip_is_the_reward_backbone_and_separates_scenes(base):
     assert clip.text_features(ids, mask).shape == (1, clip.cfg.projection_dim)
     saved = json.loads((folder / "prepare.json").read_text())
     assert saved["clip"] == report["clip"] and set(saved["seconds"]) == {"lvlm", "dit_connector", "vae", "clip"}
+
+
+@pytest.mark.parametrize("attribute", ["colour", "shape", "size", "position"])
+def test_one_change_changes_one_attribute_of_one_object(attribute):
+    g = torch.Generator().manual_seed(0)
+    for scene in world.scenes("heldout", 40, SEED):
+        changed = wm._one_change(scene, g, (attribute,))
+        assert changed.background == scene.background and len(changed.objects) == len(scene.objects)
+        # Objects hold distinct cells, so sets compare them (a scene keeps them in reading order: a move reorders).
+        gone, new = set(scene.objects) - set(changed.objects), set(changed.objects) - set(scene.objects)
+        assert len(gone) == len(new) == 1
+        (before,), (after,) = gone, new
+        assert getattr(before, attribute) != getattr(after, attribute)
+        assert dataclasses.replace(after, **{attribute: getattr(before, attribute)}) == before
+        # A moved object goes to a cell no object held: the scene stays one of the world's.
+        assert len({o.position for o in changed.objects}) == len(changed.objects)
 
 
 def test_training_is_seeded_and_deterministic():

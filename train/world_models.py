@@ -27,7 +27,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -277,7 +277,8 @@ def train_clip(images: list[Image.Image], captions: list[str], steps: int, seed:
     pool, so pass distinct scenes with their full descriptions (a batch then holds no false negatives). Images get
     Gaussian noise of a random std up to `noise` (image values in [-1, 1]) so that image features hold the scene,
     not the exact pixels: the reward compares renders with imperfect reconstructions. AdamW, warmup then cosine
-    decay."""
+    decay. Random scenes in a batch are told apart by their backgrounds and colours, so the CLIP learns little of
+    shapes and nothing of positions (clip_quality's cos_change measures what it pays for each attribute)."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
     if len(images) < batch_size:
@@ -337,35 +338,47 @@ def _image_embeddings(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def clip_quality(clip: CLIP, scenes: list[world.Scene], seed: int = 0, noise: float = 0.05) -> dict[str, float]:
+def clip_quality(clip: CLIP, scenes: list[world.Scene], seed: int = 0, noise: float = 0.05) -> dict:
     """How well the CLIP tells `scenes` (distinct world scenes) apart, by the numbers the reward depends on:
     top1: image -> text retrieval among the scenes' full descriptions; cos_same: image features of a render and of
     the render with Gaussian noise of std `noise` (about 6 of 255 levels at 0.05; renders are deterministic, so this
     stands for "the same scene drawn again"); cos_one_change: a render and the render of the scene with one
-    attribute of one object changed; cos_different: renders of two different scenes of the list."""
+    attribute (colour, shape or size) of one object changed; cos_change: the same per attribute, position among them
+    (one object moved to a free cell): what the reward pays for each attribute a caption can state; cos_different:
+    renders of two different scenes of the list."""
     g = torch.Generator().manual_seed(seed)
-    x = _images_tensor([world.render(s, clip.cfg.vision.image_size) for s in scenes])
+    size = clip.cfg.vision.image_size
+    x = _images_tensor([world.render(s, size) for s in scenes])
     image = _image_embeddings(clip, x)
     ids, mask = clip_tokenizer()([world.describe(s, 4) for s in scenes])
     text = torch.cat([F.normalize(clip.text_features(ids[i:i + 128], mask[i:i + 128]), dim=-1)
                       for i in range(0, len(ids), 128)])
     top1 = ((image @ text.T).argmax(1) == torch.arange(len(scenes))).float().mean().item()
     noisy = _image_embeddings(clip, (x + noise * torch.randn(x.shape, generator=g)).clamp(-1, 1))
-    changed = _image_embeddings(clip, _images_tensor([world.render(_one_change(s, g), clip.cfg.vision.image_size)
-                                                      for s in scenes]))
+
+    def cos_after(change: Callable[[world.Scene], world.Scene]) -> float:
+        changed = _image_embeddings(clip, _images_tensor([world.render(change(s), size) for s in scenes]))
+        return (image * changed).sum(-1).mean().item()
+
+    one_change = cos_after(lambda s: _one_change(s, g, ("colour", "shape", "size")))
+    per_attribute = {a: cos_after(lambda s, a=a: _one_change(s, g, (a,))) for a in _CHANGES}
     pairs = image @ image.T
     off_diagonal = ~torch.eye(len(scenes), dtype=torch.bool)
-    return {"top1": top1, "cos_same": (image * noisy).sum(-1).mean().item(),
-            "cos_one_change": (image * changed).sum(-1).mean().item(),
-            "cos_different": pairs[off_diagonal].mean().item()}
+    return {"top1": top1, "cos_same": (image * noisy).sum(-1).mean().item(), "cos_one_change": one_change,
+            "cos_change": per_attribute, "cos_different": pairs[off_diagonal].mean().item()}
 
 
-def _one_change(scene: world.Scene, g: torch.Generator) -> world.Scene:
-    """`scene` with one attribute (colour, shape or size) of one of its objects replaced by another value."""
+_CHANGES = ("colour", "shape", "size", "position")
+
+
+def _one_change(scene: world.Scene, g: torch.Generator, attributes: Sequence[str]) -> world.Scene:
+    """`scene` with one of `attributes` (from _CHANGES) of one of its objects replaced by another value; a changed
+    position is a cell no object holds."""
     objects = list(scene.objects)
     k = int(torch.randint(len(objects), (), generator=g))
-    attribute, values = [("colour", tuple(world.COLOURS)), ("shape", world.SHAPES),
-                         ("size", world.SIZES)][int(torch.randint(3, (), generator=g))]
+    attribute = attributes[int(torch.randint(len(attributes), (), generator=g))]
+    values = {"colour": tuple(world.COLOURS), "shape": world.SHAPES, "size": world.SIZES,
+              "position": tuple(p for p in world.POSITIONS if p not in {o.position for o in objects})}[attribute]
     others = [v for v in values if v != getattr(objects[k], attribute)]
     objects[k] = dataclasses.replace(objects[k], **{attribute: others[int(torch.randint(len(others), (),
                                                                                           generator=g))]})
@@ -592,9 +605,10 @@ def prepare_base(folder: str | os.PathLike, seed: int, quick: bool = False,
                       seed + 6, log, batch_size=batch)
     heldout = world.scenes("heldout", sizes["heldout"], seed)
     clip_numbers = clip_quality(clip, heldout, seed)
+    per_attribute = ", ".join(f"{a} {c:.3f}" for a, c in clip_numbers["cos_change"].items())
     log(f"clip: held-out top-1 {clip_numbers['top1']:.3f} among {len(heldout)}; cos same (noisy) "
-        f"{clip_numbers['cos_same']:.3f}, one change {clip_numbers['cos_one_change']:.3f}, different "
-        f"{clip_numbers['cos_different']:.3f}")
+        f"{clip_numbers['cos_same']:.3f}, one change {clip_numbers['cos_one_change']:.3f} ({per_attribute}), "
+        f"different {clip_numbers['cos_different']:.3f}")
     save_clip(clip, partial / "clip")
     lap("clip")
     vae_numbers = vae_quality(vae, [world.render(s, IMAGE_SIZE) for s in heldout], clip)
