@@ -351,6 +351,30 @@ def test_adv_std_global_divides_by_the_std_of_all_rewards(tmp_path, monkeypatch)
         gd.main(args + ["--adv-std", "batch", "--out", str(tmp_path / "bad")])
 
 
+def test_init_noise_group_shares_the_starting_noise_within_a_group(tmp_path, monkeypatch):
+    # --init-noise group is DanceGRPO's --init_same_noise: an image's G trajectories start from one noise draw and
+    # differ only by the SDE steps' noise; the default draws one per trajectory (Flow-GRPO).
+    starts = []
+    real = gd.rollout
+
+    def spy(velocity_fn, noise, *a, **k):
+        starts.append(noise.clone())
+        return real(velocity_fn, noise, *a, **k)
+
+    monkeypatch.setattr(gd, "rollout", spy)
+    args = FAST + ["--images-per-step", "2", "--steps", "1", "--save-every", "9"]
+    gd.main(args + ["--out", str(tmp_path / "trajectory")])
+    gd.main(args + ["--init-noise", "group", "--out", str(tmp_path / "group")])
+    per_trajectory, per_group = starts
+    distinct = {tuple(row.flatten().tolist()) for row in per_trajectory}
+    assert len(distinct) == 8
+    groups = per_group.view(2, 4, -1)
+    assert torch.equal(groups, groups[:, :1].expand_as(groups)) and not torch.equal(groups[0, 0], groups[1, 0])
+    assert rows(tmp_path / "group")[0]["reward_std"] > 0  # the SDE steps still spread a group's rewards
+    with pytest.raises(ValueError, match="--init-noise must be trajectory or group"):
+        gd.main(args + ["--init-noise", "image", "--out", str(tmp_path / "bad")])
+
+
 def _held_out_jsonl(folder: Path, n: int) -> Path:
     """n procedural scenes (not the training ones: another seed) as an image-caption JSONL."""
     import json

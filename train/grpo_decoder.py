@@ -85,6 +85,10 @@ class Options(RunOptions):
     sample_steps: int = option(4, "denoising steps when sampling trajectories (paper: 10)")
     sde_window: str = option("", "'start:end' steps run as SDE and trained, ODE elsewhere; empty = all but the last")
     noise_level: float = option(0.7, "SDE noise level a")
+    init_noise: str = option("trajectory", "initial noise of the trajectories: trajectory (a fresh draw each, "
+                                           "Flow-GRPO) | group (one draw per image, shared by its G trajectories, "
+                                           "DanceGRPO's --init_same_noise: their rewards then differ by what the SDE "
+                                           "steps drew, the steps that are trained)")
     guidance_scale: float = option(4.5, "CFG scale while sampling and training (1 = off)")
     train_cfg: bool = option(True, "apply CFG in the training forward too (as sampled; unconditional branch "
                                    "detached, as Flow-GRPO)")
@@ -119,6 +123,8 @@ class Options(RunOptions):
                 f"--noise-level must be > 0 (the SDE step's Gaussian needs a positive std), got {self.noise_level}")
         require(finite(self.guidance_scale) and self.guidance_scale >= 1,
                 f"--guidance-scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
+        require(self.init_noise in ("trajectory", "group"),
+                f"--init-noise must be trajectory or group, got {self.init_noise!r}")
         require(self.minibatches >= 1, f"--minibatches must be >= 1, got {self.minibatches}")
         require(self.inner_epochs >= 1, f"--inner-epochs must be >= 1, got {self.inner_epochs}")
         require(finite(self.clip_eps) and self.clip_eps > 0, f"--clip-eps must be > 0, got {self.clip_eps}")
@@ -306,7 +312,12 @@ def main(argv: list[str] | None = None) -> dict:
         gen = step_generator(opts.seed, step)
         batch = sampler.next_batch(opts.images_per_step)
         images = [im for im, _ in batch]
-        noise = torch.randn(n_traj, *latent_shape, generator=gen)[my_share].to(dist_env.device)
+        if opts.init_noise == "group":
+            per_image = torch.randn(opts.images_per_step, *latent_shape, generator=gen)
+            noise = per_image.repeat_interleave(opts.group_size, 0)
+        else:
+            noise = torch.randn(n_traj, *latent_shape, generator=gen)
+        noise = noise[my_share].to(dist_env.device)
         step_noise = torch.randn(n_traj, opts.sample_steps, *latent_shape, generator=gen)[my_share].to(dist_env.device)
         cap_seeds = torch.randint(2**31 - 1, (opts.images_per_step,), generator=gen).tolist()
 
