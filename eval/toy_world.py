@@ -598,7 +598,7 @@ def write_report(out: Path, report: dict, grids: dict, runs: dict) -> None:
         body.append(f"<tr><td>{cell(t['target'])}</td><td>{cell(t['goal'])}</td><td>{cell(t['measured'])}</td>"
                     f"<td>{'yes' if t['met'] else '<b>MISSED</b>'}</td></tr>")
     body.append("</table>")
-    changes = report["world"].get("measured", {}).get("clip", {}).get("cos_change")
+    changes = report["world"]["measured"]["clip"].get("cos_change")
     if changes:  # worlds prepared before clip_quality measured it lack it
         body.append("<h2>What the reward pays</h2><p>The world CLIP's cosine between a held-out render and the render "
                     "with one attribute of one object changed (1: the reward cannot see that attribute): "

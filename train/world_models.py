@@ -337,6 +337,11 @@ def _image_embeddings(clip: CLIP, x: torch.Tensor) -> torch.Tensor:
                       for i in range(0, len(x), 128)])
 
 
+# The attributes `_one_change` changes; cos_one_change draws from the first three (as before position was measured,
+# so its numbers compare across worlds), cos_change reports each.
+_CHANGES = ("colour", "shape", "size", "position")
+
+
 @torch.no_grad()
 def clip_quality(clip: CLIP, scenes: list[world.Scene], seed: int = 0, noise: float = 0.05) -> dict:
     """How well the CLIP tells `scenes` (distinct world scenes) apart, by the numbers the reward depends on:
@@ -360,15 +365,12 @@ def clip_quality(clip: CLIP, scenes: list[world.Scene], seed: int = 0, noise: fl
         changed = _image_embeddings(clip, _images_tensor([world.render(change(s), size) for s in scenes]))
         return (image * changed).sum(-1).mean().item()
 
-    one_change = cos_after(lambda s: _one_change(s, g, ("colour", "shape", "size")))
+    one_change = cos_after(lambda s: _one_change(s, g, _CHANGES[:3]))
     per_attribute = {a: cos_after(lambda s, a=a: _one_change(s, g, (a,))) for a in _CHANGES}
     pairs = image @ image.T
     off_diagonal = ~torch.eye(len(scenes), dtype=torch.bool)
     return {"top1": top1, "cos_same": (image * noisy).sum(-1).mean().item(), "cos_one_change": one_change,
             "cos_change": per_attribute, "cos_different": pairs[off_diagonal].mean().item()}
-
-
-_CHANGES = ("colour", "shape", "size", "position")
 
 
 def _one_change(scene: world.Scene, g: torch.Generator, attributes: Sequence[str]) -> world.Scene:
