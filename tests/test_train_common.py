@@ -365,3 +365,27 @@ def test_build_uae_refuses_triton_attention_without_cuda_or_interpreter(monkeypa
     with pytest.raises(ValueError, match="attention backend must be one of"):
         build_uae(RunOptions(attention="flash"), torch.float32, torch.device("cpu"))
     assert get_attention_backend() == "sdpa"
+
+
+def test_build_uae_seeds_the_draws_of_a_stages_fresh_adapters(tmp_path):
+    # torch seeds its global generator differently in every process, and each script draws its fresh adapters' A
+    # from it right after build_uae: unseeded, two ranks would train from different adapters (they only average
+    # gradients) and the same command would not repeat its run.
+    from model.lora import apply_lora, lora_state_dict
+    from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS
+    from tests.fake_release import build_fake_release
+
+    build_fake_release(tmp_path / "UAE")
+
+    def fresh_adapters(seed: int) -> dict[str, torch.Tensor]:
+        torch.rand(7)  # what this process drew before must not matter
+        uae, _ = build_uae(RunOptions(uae=str(tmp_path / "UAE"), seed=seed), torch.float32, torch.device("cpu"))
+        apply_lora(uae.lvlm.language_model, LLM_LORA_TARGETS.split(","), rank=2, alpha=2, init="kaiming")
+        apply_lora(uae.dit, DIT_LORA_TARGETS.split(","), rank=2, alpha=2, init="gaussian")
+        return {**lora_state_dict(uae.lvlm.language_model), **lora_state_dict(uae.dit)}
+
+    first, again, other = fresh_adapters(0), fresh_adapters(0), fresh_adapters(1)
+    assert first.keys() == again.keys() == other.keys() and len(first) > 4
+    assert all(torch.equal(first[k], again[k]) for k in first)
+    drawn = [k for k in first if "lora_A" in k]
+    assert drawn and not any(torch.equal(first[k], other[k]) for k in drawn)

@@ -712,10 +712,16 @@ def build_uae(opts: RunOptions, dtype: torch.dtype, device: torch.device, resume
     on: with --resume, the handoff of the checkpoint resumed from minus the adapters this run trains (the script
     loads those into its fresh adapters); else the previous stage's handoff given by --init. `inherited` is what
     every checkpoint of this run hands on besides its own work (model/handoff.py). --attention selects the
-    backend of model.layers.attention."""
+    backend of model.layers.attention.
+
+    Seeds torch's global generator with --seed first: torch seeds it differently in every process, and a stage's
+    fresh adapters are drawn from it (model.lora's A init) after this, so they must be the same on every rank (the
+    ranks only average gradients) and in every run of the same command."""
     from model.handoff import load_handoff, read_handoff
     from model.layers import set_attention_backend
     from model.uae import UAE
+
+    torch.manual_seed(opts.seed)
 
     if opts.attention == "triton" and device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"--attention triton needs a CUDA device (got {device}) or TRITON_INTERPRET=1 set before "

@@ -262,7 +262,6 @@ def main(argv: list[str] | None = None) -> dict:
     require((my_share.stop - my_share.start) % opts.minibatches == 0,
             f"trajectories per rank {my_share.stop - my_share.start} must divide into --minibatches {opts.minibatches}")
     warn_single_sample_groups(opts.group_size, dist_env.is_main)
-    torch.manual_seed(opts.seed)
 
     folder, state = open_run_folder(opts, RESUME_KEYS, dist_env.is_main)
     uae, inherited = build_uae(opts, dtype, dist_env.device, folder)
