@@ -35,15 +35,20 @@ plan's count; no model depends on it), rebuilt with --rebuild, else an error.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import html
 import json
 import math
+import multiprocessing
+import os
 import shutil
 import sys
 import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 from PIL import Image, ImageDraw
@@ -287,48 +292,162 @@ def write_heldout(w: World, plan: Plan) -> None:
 
 # ----------------------------------------------------------------------------------------------- the pipeline
 
-def run_pipeline(w: World, plan: Plan, runs: Path, seed: int, stage2_variant: str = "") -> dict[str, Path]:
-    """cold start -> GRPO on the captioner -> Flow-GRPO on the decoder from the world's start, with the training
-    scripts; each stage starts from the previous one (--init). `stage2_variant` 'lr0' or 'token_mean' runs only
-    the control of stage 2 (from this seed's cold start). Returns each stage's run folder."""
+STAGES = ("cold_start", "grpo_encoder", "grpo_decoder")  # a seed's pipeline, each stage from the one before
+CONTROLS = ("grpo_encoder_lr0", "grpo_encoder_token_mean")  # stage-2 controls, from the first seed's cold start
+
+
+def stage_folder(runs: Path, seed: int, stage: str) -> Path:
+    return runs / f"seed{seed}" / stage
+
+
+def train_stage(w: World, plan: Plan, runs: Path, seed: int, stage: str) -> Path:
+    """Train `stage` (one of STAGES or CONTROLS) of `seed`'s pipeline with its training script, from the stage before
+    it (--init; a control from the cold start: 'lr0' must stay flat, 'token_mean' must rise too). Returns its run
+    folder."""
     from train import cold_start, grpo_decoder, grpo_encoder
 
+    if stage not in STAGES + CONTROLS:
+        raise ValueError(f"train_stage: unknown stage {stage!r}; expected one of {STAGES + CONTROLS}")
     common = w.base_args() + ["--clip", str(w.clip), "--seed", str(seed), "--overwrite",
                               "--lora-rank", str(plan.lora_rank), "--lora-alpha", str(2 * plan.lora_rank)]
-    out = runs / f"seed{seed}"
-    stages = {"cold_start": out / "cold_start"}
-    if not stage2_variant:
+    out = stage_folder(runs, seed, stage)
+    if stage == "cold_start":
         cold_start.main(common + [
             "--init", str(w.start), "--data", str(w.data("train_full")), "--batch-size", "2",
             "--sample-steps", str(plan.sample_steps), "--grad-last-k", "1", "--guidance-scale",
             str(plan.guidance_scale), "--max-new-tokens", str(plan.caption_tokens), "--lr", str(plan.cold_start_lr),
-            "--steps", str(plan.cold_start_steps), "--save-every", str(plan.cold_start_steps),
-            "--out", str(stages["cold_start"])])
-    name = "grpo_encoder" + (f"_{stage2_variant}" if stage2_variant else "")
-    stages["grpo_encoder"] = out / name
-    lr = 0.0 if stage2_variant == "lr0" else plan.encoder_lr
-    grpo_encoder.main(common + [
-        "--init", str(stages["cold_start"]), "--data", str(w.data("train_full")), "--images-per-step",
-        str(plan.encoder_images), "--group-size", str(plan.encoder_group), "--max-new-tokens",
-        str(plan.caption_tokens), "--gen-steps", str(plan.sample_steps), "--guidance-scale", str(plan.guidance_scale),
-        "--render-noise", "group", "--temperature", "1.0", "--text-encoder", "frozen", "--lr", str(lr),
-        "--steps", str(plan.encoder_steps), "--save-every", str(plan.encoder_steps), "--loss-norm",
-        "token_mean" if stage2_variant == "token_mean" else "sequence_mean", "--out", str(stages["grpo_encoder"])])
-    if stage2_variant:
-        return {name: stages["grpo_encoder"]}
-    stages["grpo_decoder"] = out / "grpo_decoder"
-    # Stage 3 learns to follow long captions (the paper's claim 2) on the world's full-detail captions
-    # (--dataset-captions): they stand in for the long captions UAE's captioner writes after stage 2, as this world's
-    # captioner says more after stage 2 but stays well short of full detail.
-    grpo_decoder.main(common + [
-        "--init", str(stages["grpo_encoder"]), "--data", str(w.data("train_full")), "--images-per-step",
-        str(plan.decoder_rl_images), "--group-size", str(plan.decoder_rl_group), "--sample-steps",
-        str(plan.sample_steps), "--guidance-scale", str(plan.guidance_scale), "--caption-tokens",
-        str(plan.caption_tokens), "--caption-temperature", "0", "--dataset-captions", "--sde-window",
-        plan.decoder_rl_sde_window, "--lr", str(plan.decoder_rl_lr),
-        "--steps", str(plan.decoder_rl_steps), "--save-every", str(plan.decoder_rl_steps),
-        "--out", str(stages["grpo_decoder"])])
-    return stages
+            "--steps", str(plan.cold_start_steps), "--save-every", str(plan.cold_start_steps), "--out", str(out)])
+    elif stage.startswith("grpo_encoder"):
+        lr = 0.0 if stage == "grpo_encoder_lr0" else plan.encoder_lr
+        grpo_encoder.main(common + [
+            "--init", str(stage_folder(runs, seed, "cold_start")), "--data", str(w.data("train_full")),
+            "--images-per-step", str(plan.encoder_images), "--group-size", str(plan.encoder_group),
+            "--max-new-tokens", str(plan.caption_tokens), "--gen-steps", str(plan.sample_steps), "--guidance-scale",
+            str(plan.guidance_scale), "--render-noise", "group", "--temperature", "1.0", "--text-encoder", "frozen",
+            "--lr", str(lr), "--steps", str(plan.encoder_steps), "--save-every", str(plan.encoder_steps),
+            "--loss-norm", "token_mean" if stage == "grpo_encoder_token_mean" else "sequence_mean",
+            "--out", str(out)])
+    else:
+        # Stage 3 learns to follow long captions (the paper's claim 2) on the world's full-detail captions
+        # (--dataset-captions): they stand in for the long captions UAE's captioner writes after stage 2, as this
+        # world's captioner says more after stage 2 but stays well short of full detail.
+        grpo_decoder.main(common + [
+            "--init", str(stage_folder(runs, seed, "grpo_encoder")), "--data", str(w.data("train_full")),
+            "--images-per-step", str(plan.decoder_rl_images), "--group-size", str(plan.decoder_rl_group),
+            "--sample-steps", str(plan.sample_steps), "--guidance-scale", str(plan.guidance_scale),
+            "--caption-tokens", str(plan.caption_tokens), "--caption-temperature", "0", "--dataset-captions",
+            "--sde-window", plan.decoder_rl_sde_window, "--lr", str(plan.decoder_rl_lr), "--steps",
+            str(plan.decoder_rl_steps), "--save-every", str(plan.decoder_rl_steps), "--out", str(out)])
+    return out
+
+
+def pipeline_jobs(w: World, plan: Plan, runs: Path) -> dict[str, tuple[tuple, tuple[str, ...]]]:
+    """The pipeline as jobs for `run_jobs`: name -> (`stage_job`'s arguments, the jobs it needs). The start's
+    evaluation (with the floor), then each seed's stages in order, then the controls; the first seed's last stage
+    also scores the floor through its decoder."""
+    jobs = {"start": ((w, plan, runs, None, "start", True), ())}
+    for seed in plan.seeds:
+        needs: tuple[str, ...] = ()
+        for stage in STAGES:
+            floor = seed == plan.seeds[0] and stage == STAGES[-1]
+            jobs[f"seed{seed}/{stage}"] = ((w, plan, runs, seed, stage, floor), needs)
+            needs = (f"seed{seed}/{stage}",)
+    if plan.controls:
+        for stage in CONTROLS:
+            jobs[f"seed{plan.seeds[0]}/{stage}"] = ((w, plan, runs, plan.seeds[0], stage, False),
+                                                     (f"seed{plan.seeds[0]}/cold_start",))
+    return jobs
+
+
+_EVALUATORS: dict = {}  # one Evaluator per (world, plan) in each worker process
+
+
+def stage_job(w: World, plan: Plan, runs: Path, seed: int | None, stage: str, floor: bool) -> dict:
+    """One job of the pipeline, as a worker runs it: train `stage` of `seed` (`train_stage`; 'start' trains nothing:
+    the world's start) and evaluate it on the held-out scenes (`Evaluator.stage`, and with `floor` the empty
+    caption through its decoder). The training script's output goes to runs/logs/."""
+    key = (str(w.folder), plan)
+    if key not in _EVALUATORS:
+        _EVALUATORS[key] = Evaluator(w, plan)
+    ev = _EVALUATORS[key]
+    log = runs / "logs" / f"{'start' if seed is None else f'seed{seed}_{stage}'}.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        with open(log, "w") as f, contextlib.redirect_stdout(f), contextlib.redirect_stderr(f):
+            run = w.start if seed is None else train_stage(w, plan, runs, seed, stage)
+            result = {"run": run, "row": ev.stage(run)}
+            if floor:
+                result["floor"] = ev.floor(run)
+            if seed is None:  # the report's first row of images and its true captions
+                result.update(sources=ev.sources[:8], full_captions=ev.full_captions[:8])
+    except (Exception, SystemExit) as e:
+        raise RuntimeError(f"{e!r} (its log: {log})") from e
+    return result
+
+
+def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ...]]], workers: int,
+             log: Callable[[str], None] = print) -> dict[str, dict]:
+    """fn(*args) of every job (name -> (args, the names of the jobs it needs)) once the jobs it needs are done, the
+    first ready one in `jobs`' order first, at most `workers` at a time, each worker a process of its own (spawned:
+    a forked child of a process that ran OpenMP can hang) on ONE thread; `workers` 1 runs them here, on one thread
+    too. A job's numbers are then the same whatever `workers` is or the machine's core count (the rounding of a
+    matmul changes with its thread count), and on the world's tiny models two one-thread processes do ~1.4-1.7x the
+    work of one two-thread process. A failed job stops the run with an error naming it."""
+    for name, (_, needs) in jobs.items():
+        unknown = [n for n in needs if n not in jobs]
+        if unknown:
+            raise ValueError(f"run_jobs: job {name!r} needs {unknown}, which are not jobs")
+    results: dict[str, dict] = {}
+    pending, t0 = dict(jobs), time.perf_counter()
+
+    def ready() -> list[str]:
+        return [n for n, (_, needs) in pending.items() if all(d in results for d in needs)]
+
+    def finished(name: str, result: dict) -> None:
+        results[name] = result
+        log(f"toy world: {name} done ({len(results)}/{len(jobs)}, {time.perf_counter() - t0:.0f} s)")
+
+    if workers == 1:
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            while pending:
+                if not ready():
+                    raise ValueError(f"run_jobs: the jobs {sorted(pending)} wait on each other")
+                name = ready()[0]
+                args, _ = pending.pop(name)
+                try:
+                    result = fn(*args)
+                except (Exception, SystemExit) as e:
+                    raise RuntimeError(f"toy world: job {name} failed: {e!r}") from e
+                finished(name, result)
+        finally:
+            torch.set_num_threads(threads)
+        return results
+    running: dict = {}
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                               initializer=torch.set_num_threads, initargs=(1,))
+    failed = True
+    try:
+        while pending or running:
+            for name in ready()[:workers - len(running)]:
+                args, _ = pending.pop(name)
+                running[pool.submit(fn, *args)] = name
+            if not running:
+                raise ValueError(f"run_jobs: the jobs {sorted(pending)} wait on each other")
+            done, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in done:
+                name = running.pop(future)
+                try:
+                    result = future.result()
+                except (Exception, SystemExit) as e:
+                    raise RuntimeError(f"toy world: job {name} failed: {e!r}") from e
+                finished(name, result)
+        failed = False
+    finally:
+        # After a failure, the jobs not started are dropped and the running ones are not waited for.
+        pool.shutdown(wait=not failed, cancel_futures=True)
+    return results
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
@@ -637,6 +756,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rebuild", action="store_true", help="rebuild a world prepared with other settings")
     p.add_argument("--seeds", default=None, help="comma-separated pipeline seeds (default: 0,1,2; --quick: 0)")
     p.add_argument("--no-controls", action="store_true", help="skip the two stage-2 control runs")
+    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+                   help="processes that run the pipeline's jobs side by side, each on one thread (the numbers do "
+                        "not depend on it); default: the CPU cores this process may use")
     a = p.parse_args(argv)
     plan = QUICK if a.quick else Plan()
     if a.seeds is not None:
@@ -649,37 +771,43 @@ def main(argv: list[str] | None = None) -> dict:
         plan = dataclasses.replace(plan, seeds=seeds)
     if a.no_controls:
         plan = dataclasses.replace(plan, controls=False)
+    if a.workers < 1:
+        p.error(f"argument --workers: expected a positive integer, got {a.workers}")
     out = Path(a.out)
     out.mkdir(parents=True, exist_ok=True)
 
     t0 = time.perf_counter()
     w = prepare_world(Path(a.world) if a.world else out / "world", plan, a.rebuild)
     prepare_s = time.perf_counter() - t0
-    ev = Evaluator(w, plan)
     t1 = time.perf_counter()
+    runs_dir = out / "runs"
+    jobs = pipeline_jobs(w, plan, runs_dir)
+    print(f"toy world: running the pipeline: {len(jobs)} jobs on {a.workers} process(es) of one thread each; each "
+          f"job's training log in {runs_dir / 'logs'}", flush=True)
+    results = run_jobs(stage_job, jobs, a.workers)
+    start = results["start"]["row"]
+    recon_rows = {"source": results["start"]["sources"], "start": start.pop("_recon")[:8]}
     rows, runs, controls, control_runs = [], {}, {}, {}
-    start = ev.stage(w.start)
-    recon_rows = {"source": ev.sources[:8], "start": start.pop("_recon")[:8]}
     for seed in plan.seeds:
         rows.append({"stage": "start", "seed": seed, **{k: v for k, v in start.items() if k != "captions"}})
-        runs[seed] = run_pipeline(w, plan, out / "runs", seed)
-        for stage, run in runs[seed].items():
-            r = ev.stage(run)
-            recon = r.pop("_recon")
+        runs[seed] = {}
+        for stage in STAGES:
+            r = results[f"seed{seed}/{stage}"]
+            runs[seed][stage] = r["run"]
+            recon = r["row"].pop("_recon")
             if seed == plan.seeds[0]:
                 recon_rows[stage] = recon[:8]
                 if stage == "grpo_encoder":
-                    after_captions = r["captions"]
-            rows.append({"stage": stage, "seed": seed, **{k: v for k, v in r.items() if k != "captions"}})
-    if plan.controls:
-        for variant in ("lr0", "token_mean"):
-            run = run_pipeline(w, plan, out / "runs", plan.seeds[0], stage2_variant=variant)
-            control_runs[variant] = next(iter(run.values()))
-            r = ev.stage(control_runs[variant])
-            r.pop("_recon")
-            controls[variant] = {k: v for k, v in r.items() if k != "captions"}
-    last = runs[plan.seeds[0]]["grpo_decoder"]
-    floor_start, floor_last = ev.floor(w.start), ev.floor(last)
+                    after_captions = r["row"]["captions"]
+            rows.append({"stage": stage, "seed": seed, **{k: v for k, v in r["row"].items() if k != "captions"}})
+    for stage in CONTROLS if plan.controls else ():
+        r = results[f"seed{plan.seeds[0]}/{stage}"]
+        variant = stage.removeprefix("grpo_encoder_")
+        control_runs[variant] = r["run"]
+        r["row"].pop("_recon")
+        controls[variant] = {k: v for k, v in r["row"].items() if k != "captions"}
+    floor_start = results["start"]["floor"]
+    floor_last = results[f"seed{plan.seeds[0]}/{STAGES[-1]}"]["floor"]
 
     def ceiling(row: dict) -> dict:
         return {"recon_score": row["recon_score_fixed"], "recon_stderr": row["recon_stderr_fixed"]}
@@ -696,12 +824,12 @@ def main(argv: list[str] | None = None) -> dict:
         "ceiling": {**ceiling(last_row(rows, plan.seeds[0])), "decoder": "grpo_decoder",
                     "start_decoder": ceiling(start),
                     "per_seed": {str(s): last_row(rows, s)["recon_score_fixed"] for s in plan.seeds}},
-        "targets": targets, "plan": dataclasses.asdict(plan),
+        "targets": targets, "plan": dataclasses.asdict(plan), "workers": a.workers,
         "timing_s": {"prepare": round(prepare_s, 1), "pipeline_and_report": None},
         "world": built,
         "summary": ("every target met" if not missed else f"MISSED: {'; '.join(missed)}")
                    + (" (a --quick run: the targets are not expected)" if a.quick else ""),
-        "_sample_captions": list(zip(ev.full_captions[:8], start["captions"][:8], after_captions[:8])),
+        "_sample_captions": list(zip(results["start"]["full_captions"], start["captions"][:8], after_captions[:8])),
         "_control_runs": control_runs,
     }
     report["timing_s"]["pipeline_and_report"] = round(time.perf_counter() - t1, 1)

@@ -2,6 +2,8 @@
 evaluation on held-out scenes, report), the world cache, and the targets' bookkeeping."""
 import json
 import math
+import os
+import time
 from pathlib import Path
 
 import pytest
@@ -14,7 +16,7 @@ from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
 @pytest.fixture(scope="module")
 def quick_report(tmp_path_factory):
     out = tmp_path_factory.mktemp("toy")
-    return out, toy_world.main(["--out", str(out), "--quick"])
+    return out, toy_world.main(["--out", str(out), "--quick", "--workers", "2"])
 
 
 def test_quick_run_writes_the_report(quick_report):
@@ -48,6 +50,66 @@ def test_quick_run_writes_the_report(quick_report):
                          .read_text())
     assert [s["stage"] for s in handoff["stages"]] == ["sft_captioner", "sft_captioner", "sft_decoder", "cold_start",
                                                        "grpo_encoder", "grpo_decoder"]
+
+
+def test_the_numbers_do_not_depend_on_the_workers(quick_report, tmp_path):
+    # The fixture ran the pipeline's jobs in two worker processes; here they run one after another in this process.
+    # Every job is on one thread and every stage seeds its draws (train/common.py build_uae), so the run repeats
+    # exactly: a different count of workers (or of cores) is no reason for a result to move.
+    out, report = quick_report
+    again = toy_world.main(["--out", str(tmp_path), "--world", str(out / "world"), "--quick", "--workers", "1"])
+    assert report["workers"] == 2 and again["workers"] == 1
+    for key in ("stages", "floor", "ceiling", "controls", "targets"):
+        if key == "targets":  # the time budgets differ, the rest may not
+            report[key], again[key] = ([t for t in r[key] if not t["target"].startswith("time: ")]
+                                       for r in (report, again))
+        assert again[key] == report[key], key
+    logs = sorted(p.name for p in (out / "runs" / "logs").iterdir())
+    assert logs == ["seed0_cold_start.log", "seed0_grpo_decoder.log", "seed0_grpo_encoder.log", "start.log"]
+    assert "step 1/" in (out / "runs" / "logs" / "seed0_grpo_encoder.log").read_text()
+
+
+def _job(name: str, seconds: float = 0.0, fail: bool = False) -> dict:
+    """A job for run_jobs (module level: spawned workers import it)."""
+    import torch
+
+    start = time.time()
+    time.sleep(seconds)
+    if fail:
+        raise ValueError(f"{name} broke")
+    return {"name": name, "threads": torch.get_num_threads(), "pid": os.getpid(), "start": start, "end": time.time()}
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_jobs_run_after_what_they_need_each_on_one_thread(workers):
+    import torch
+
+    torch.set_num_threads(2)  # run_jobs puts every job on one thread, and gives this process its threads back
+    jobs = {"a": (("a", 0.3), ()), "b": (("b",), ("a",)), "c": (("c",), ()), "d": (("d",), ("b", "c"))}
+    lines: list[str] = []
+    got = toy_world.run_jobs(_job, jobs, workers, log=lines.append)
+    assert torch.get_num_threads() == 2
+    assert {n: r["name"] for n, r in got.items()} == {n: n for n in jobs} and len(lines) == len(jobs)
+    for name, (_, needs) in jobs.items():
+        assert got[name]["threads"] == 1
+        assert all(got[name]["start"] >= got[n]["end"] for n in needs), name
+    assert all((r["pid"] == os.getpid()) == (workers == 1) for r in got.values())
+
+
+def test_a_failed_job_stops_the_run_and_is_named():
+    jobs = {"bad": (("bad", 0.0, True), ()), "after": (("after",), ("bad",))}
+    for workers in (1, 2):
+        with pytest.raises(RuntimeError, match="job bad failed: ValueError.*bad broke"):
+            toy_world.run_jobs(_job, jobs, workers, log=lambda line: None)
+    with pytest.raises(ValueError, match=r"job 'x' needs \['nope'\], which are not jobs"):
+        toy_world.run_jobs(_job, {"x": (("x",), ("nope",))}, 1)
+    for workers in (1, 2):
+        with pytest.raises(ValueError, match="wait on each other"):
+            toy_world.run_jobs(_job, {"x": (("x",), ("y",)), "y": (("y",), ("x",))}, workers)
+    with pytest.raises(ValueError, match="unknown stage 'grpo_encoder_lr1'"):
+        toy_world.train_stage(None, toy_world.QUICK, Path("runs"), 0, "grpo_encoder_lr1")
+    with pytest.raises(SystemExit):
+        toy_world.main(["--out", "unused", "--quick", "--workers", "0"])
 
 
 def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
