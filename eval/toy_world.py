@@ -362,6 +362,11 @@ def pipeline_jobs(w: World, plan: Plan, runs: Path) -> dict[str, tuple[tuple, tu
     return jobs
 
 
+def usable_cores() -> int:
+    """The CPU cores this process may run on (all of them where the OS does not say: macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 _EVALUATORS: dict = {}  # one Evaluator per (world, plan) in each worker process
 
 
@@ -402,6 +407,8 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
         if unknown:
             raise ValueError(f"run_jobs: job {name!r} needs {unknown}, which are not jobs")
     results: dict[str, dict] = {}
+    if not jobs:
+        return results
     pending, t0 = dict(jobs), time.perf_counter()
 
     def ready() -> list[str]:
@@ -429,7 +436,7 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
             torch.set_num_threads(threads)
         return results
     running: dict = {}
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
                                initializer=torch.set_num_threads, initargs=(1,))
     failed = True
     try:
@@ -760,7 +767,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--rebuild", action="store_true", help="rebuild a world prepared with other settings")
     p.add_argument("--seeds", default=None, help="comma-separated pipeline seeds (default: 0,1,2; --quick: 0)")
     p.add_argument("--no-controls", action="store_true", help="skip the two stage-2 control runs")
-    p.add_argument("--workers", type=int, default=len(os.sched_getaffinity(0)),
+    p.add_argument("--workers", type=int, default=usable_cores(),
                    help="processes that run the pipeline's jobs side by side, each on one thread (the numbers do "
                         "not depend on it); default: the CPU cores this process may use")
     a = p.parse_args(argv)

@@ -106,6 +106,7 @@ def test_a_failed_job_stops_the_run_and_is_named():
     for workers in (1, 2):
         with pytest.raises(ValueError, match="wait on each other"):
             toy_world.run_jobs(_job, {"x": (("x",), ("y",)), "y": (("y",), ("x",))}, workers)
+    assert toy_world.run_jobs(_job, {}, 2) == {}
     with pytest.raises(ValueError, match="unknown stage 'grpo_encoder_lr1'"):
         toy_world.train_stage(None, toy_world.QUICK, Path("runs"), 0, "grpo_encoder_lr1")
     with pytest.raises(SystemExit):
