@@ -456,7 +456,8 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
                 finished(name, result)
         failed = False
     finally:
-        # After a failure, the jobs not started are dropped and the running ones are not waited for.
+        # After a failure the error is raised at once and the jobs not started are dropped; the running ones end
+        # before this process exits.
         pool.shutdown(wait=not failed, cancel_futures=True)
     return results
 
