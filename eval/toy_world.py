@@ -48,7 +48,7 @@ import os
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -414,51 +414,47 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
     def ready() -> list[str]:
         return [n for n, (_, needs) in pending.items() if all(d in results for d in needs)]
 
-    def finished(name: str, result: dict) -> None:
-        results[name] = result
-        log(f"toy world: {name} done ({len(results)}/{len(jobs)}, {time.perf_counter() - t0:.0f} s)")
+    # One loop for both ways: here (workers 1) a job runs at submit and its future is already done.
+    pool = None if workers == 1 else ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
+        initargs=(1,))
 
-    if workers == 1:
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
+    def submit(args: tuple) -> Future:
+        if pool is not None:
+            return pool.submit(fn, *args)
+        future: Future = Future()
         try:
-            while pending:
-                if not ready():
-                    raise ValueError(f"run_jobs: the jobs {sorted(pending)} wait on each other")
-                name = ready()[0]
-                args, _ = pending.pop(name)
-                try:
-                    result = fn(*args)
-                except (Exception, SystemExit) as e:
-                    raise RuntimeError(f"toy world: job {name} failed: {e!r}") from e
-                finished(name, result)
-        finally:
-            torch.set_num_threads(threads)
-        return results
-    running: dict = {}
-    pool = ProcessPoolExecutor(min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"),
-                               initializer=torch.set_num_threads, initargs=(1,))
+            future.set_result(fn(*args))
+        except (Exception, SystemExit) as e:
+            future.set_exception(e)
+        return future
+
+    running: dict[Future, str] = {}
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     failed = True
     try:
         while pending or running:
             for name in ready()[:workers - len(running)]:
                 args, _ = pending.pop(name)
-                running[pool.submit(fn, *args)] = name
+                running[submit(args)] = name
             if not running:
                 raise ValueError(f"run_jobs: the jobs {sorted(pending)} wait on each other")
             done, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in done:
                 name = running.pop(future)
                 try:
-                    result = future.result()
+                    results[name] = future.result()
                 except (Exception, SystemExit) as e:
                     raise RuntimeError(f"toy world: job {name} failed: {e!r}") from e
-                finished(name, result)
+                log(f"toy world: {name} done ({len(results)}/{len(jobs)}, {time.perf_counter() - t0:.0f} s)")
         failed = False
     finally:
-        # After a failure the error is raised at once and the jobs not started are dropped; the running ones end
-        # before this process exits.
-        pool.shutdown(wait=not failed, cancel_futures=True)
+        torch.set_num_threads(threads)
+        if pool is not None:
+            # After a failure the error is raised at once and the jobs not started are dropped; the running ones
+            # end before this process exits.
+            pool.shutdown(wait=not failed, cancel_futures=True)
     return results
 
 
