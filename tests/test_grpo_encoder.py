@@ -222,3 +222,72 @@ def test_a_group_whose_captions_all_end_at_once(tmp_path, monkeypatch, capsys):
     (r,) = rows(out)
     assert r["caption_len"] == 1 and r["reward_std"] == 0 and r["loss"] == 0.0 and r["kl"] == 0.0
     assert "advantage" in capsys.readouterr().err.lower()
+
+
+def _caption_rows(uae, ends: list[bool], length: int = 6):
+    """Caption rows for the tiny captioner: row r holds `length` word tokens, the last replaced by im_end where
+    ends[r] (a caption that ended), else cut at the limit. Returns (inputs, tokens, masks)."""
+    p = uae.processor
+    words = p.encode("a red circle and a blue square on a grey ground")[:length]
+    tokens = torch.tensor([words[:-1] + [p.im_end_id] if e else words for e in ends])
+    image, _ = procedural_scene(3)
+    return uae.caption_inputs([image] * len(ends)), tokens, torch.ones_like(tokens, dtype=torch.bool)
+
+
+def test_ended_tells_captions_that_ended_from_cut_ones():
+    uae = UAE.tiny(0)
+    p = uae.processor
+    a, b = p.encode("red circle")[:2]
+    tokens = torch.tensor([[a, b, p.im_end_id, p.pad_token_id],  # ended
+                           [a, p.pad_token_id, p.pad_token_id, p.pad_token_id],  # pad is an end id too
+                           [a, b, a, b],  # cut at the limit
+                           [a, p.image_token_id, p.im_end_id, p.pad_token_id]])  # cut before a sampled placeholder
+    masks = torch.tensor([[1, 1, 1, 0], [1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]], dtype=torch.bool)
+    assert ge.ended(uae, tokens, masks).tolist() == [True, True, False, False]
+
+
+@pytest.mark.parametrize("loss_norm", ["sequence_mean", "token_mean"])
+def test_mask_truncated_completions_leaves_cut_captions_out_of_the_loss(loss_norm):
+    # TRL's mask_truncated_completions: a cut caption's advantage no longer moves the loss; with sequence_mean it
+    # still counts in the 1/G (so the loss is the ended rows' loss times their share), with token_mean its tokens
+    # leave the count (the ended rows' loss alone).
+    uae = UAE.tiny(0).eval()
+    ends = [True, False, True, False]
+    inputs, tokens, masks = _caption_rows(uae, ends)
+    adv = torch.tensor([1.0, -1.0, 0.5, -0.5])
+    other = torch.tensor([1.0, 3.0, 0.5, 2.0])  # only the cut rows' advantages differ
+    opts = ge.Options(mask_truncated_completions=True, loss_norm=loss_norm)
+    with torch.no_grad():
+        loss, _ = ge.policy_loss(uae, inputs, tokens, masks, adv, opts)
+        loss_other, _ = ge.policy_loss(uae, inputs, tokens, masks, other, opts)
+        kept, kept_tokens, kept_masks = _caption_rows(uae, [True, True])
+        loss_kept, _ = ge.policy_loss(uae, kept, kept_tokens, kept_masks, adv[[0, 2]], opts)
+        unmasked, _ = ge.policy_loss(uae, inputs, tokens, masks, adv, ge.Options(loss_norm=loss_norm))
+        unmasked_other, _ = ge.policy_loss(uae, inputs, tokens, masks, other, ge.Options(loss_norm=loss_norm))
+    assert loss == loss_other and loss != 0
+    share = 0.5 if loss_norm == "sequence_mean" else 1.0
+    torch.testing.assert_close(loss, share * loss_kept, rtol=1e-6, atol=0)
+    assert abs(float(unmasked - unmasked_other)) > 0.1
+
+
+def test_a_step_whose_captions_are_all_cut_trains_nothing_with_the_mask(tmp_path, monkeypatch):
+    # The end tokens are never sampled, so every caption runs to --max-new-tokens: logged as truncated_frac 1; with
+    # --mask-truncated-completions the loss and the gradient are 0, without it the step trains (its loss, the mean
+    # advantage at ratio 1, is 0 up to rounding either way).
+    import model.qwen2_5_vl_generation as generation
+
+    p = UAE.tiny(0).processor
+    real = generation.process_logits
+
+    def never_end(logits, *args, **kwargs):
+        return real(logits, *args, **kwargs).index_fill(1, torch.tensor([p.im_end_id, p.pad_token_id]), -float("inf"))
+
+    monkeypatch.setattr(generation, "process_logits", never_end)
+    for flag, trains in (([], True), (["--mask-truncated-completions"], False)):
+        out = tmp_path / f"run{len(flag)}"
+        ge.main(FAST + ["--steps", "1", "--beta", "0", "--out", str(out)] + flag)
+        (r,) = rows(out)
+        assert r["truncated_frac"] == 1.0 and r["caption_len"] == 8
+        assert (r["grad_norm"] > 0) == trains
+        assert trains or r["loss"] == 0.0
+        assert ("ratio_min" in r) == trains  # no token in the loss: no ratio statistics (not +-inf)

@@ -96,6 +96,10 @@ class Options(RunOptions):
     adv_clip: float = option(5.0, "advantage clamp")
     beta: float = option(0.0, "k3 KL coefficient (paper: 0.04); 0 skips the reference forward")
     loss_norm: str = option("sequence_mean", "sequence_mean (GRPO) | token_mean (DAPO)")
+    mask_truncated_completions: bool = option(False, "captions that hit --max-new-tokens without an end token take "
+                                                     "no part in the loss (their rewards still do in the group's "
+                                                     "advantages): TRL's mask_truncated_completions, DAPO's "
+                                                     "overlong filtering")
     logprob: str = option("fused", "fused (kernels/logprob.py, no [tokens, vocab] logits) | naive (log_softmax)")
     lora_targets: str = option(LLM_LORA_TARGETS, "comma-separated LM module names that get LoRA")
     text_encoder: str = option("frozen", "how the decoder encodes captions, in this stage and after it: frozen "
@@ -128,6 +132,9 @@ class Options(RunOptions):
         require(not (self.cuda_graph and self.device == "cpu"), "--cuda-graph needs a CUDA device, not --device cpu")
 
 
+# train/rl.py `clipped_policy_loss`'s statistics over the loss's tokens.
+RATIO_STATS = ("clip_frac", "ratio_mean", "ratio_min", "ratio_max", "approx_kl")
+
 RESUME_KEYS = BASE_KEYS + ("data", "images_per_step", "group_size", "size", "lora_rank", "lora_alpha",
                            "lora_targets", "seed", "text_encoder")
 
@@ -155,18 +162,28 @@ def render_captions(uae, texts: list[str], seeds: list[int], opts: Options) -> t
                         pad_to=condition_length(uae, texts, opts.guidance_scale))
 
 
+def ended(uae, tokens: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """[R] True where a caption ends with an end token (im_end or pad, the captioner's eos ids) within its mask, False
+    where it was cut: by --max-new-tokens or before a sampled image placeholder (TRL's `is_eos.any(dim=1)`)."""
+    p = uae.processor
+    return (((tokens == p.im_end_id) | (tokens == p.pad_token_id)) & masks).any(1)
+
+
 def policy_loss(uae, inputs: dict, tokens: torch.Tensor, masks: torch.Tensor, advantages: torch.Tensor,
                 opts: Options) -> tuple[torch.Tensor, dict]:
     """GRPO's loss (train/rl.py `grpo_loss`) of one step's captions, differentiable to the adapter. Each batch of
     rollouts gets one optimizer step (TRL's num_iterations = 1), so the old policy is the current one: its log-probs
     are the policy's own, detached (ratio 1, as TRL's GRPOTrainer takes them), and only the policy forward and, with
-    beta > 0, the reference forward (the new adapter off) run, both through `UAE.caption_logprobs`."""
+    beta > 0, the reference forward (the new adapter off) run, both through `UAE.caption_logprobs`. With
+    --mask-truncated-completions a cut caption's tokens are left out of the loss: with sequence_mean it adds 0 and
+    still counts in the 1/G, with token_mean its tokens leave the count (TRL zeroes its completion mask alike)."""
     logp = uae.caption_logprobs(inputs, tokens, masks, opts.temperature)
     ref_logp = None
     if opts.beta > 0:
         with torch.no_grad(), lora_disabled(uae.lvlm):
             ref_logp = uae.caption_logprobs(inputs, tokens, masks, opts.temperature)
-    return grpo_loss(logp, logp.detach(), ref_logp, advantages, masks, opts.clip_eps, opts.beta,
+    loss_masks = masks & ended(uae, tokens, masks)[:, None] if opts.mask_truncated_completions else masks
+    return grpo_loss(logp, logp.detach(), ref_logp, advantages, loss_masks, opts.clip_eps, opts.beta,
                      reduction=opts.loss_norm)
 
 
@@ -240,9 +257,12 @@ def main(argv: list[str] | None = None) -> dict:
             opt.step()
 
         lengths = all_gather_cat(masks.sum(1).float())
+        cut = all_gather_cat((~ended(uae, tokens, masks)).float())
+        if opts.mask_truncated_completions and bool(cut.all()):  # no token in the loss: its ratio stats are of nothing
+            step_stats = {k: v for k, v in step_stats.items() if k not in RATIO_STATS}
         metrics = {"loss": step_stats.pop("loss"), "reward_mean": float(all_rewards.mean()),
                    "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
-                   "caption_len": float(lengths.mean()), **step_stats}
+                   "caption_len": float(lengths.mean()), "truncated_frac": float(cut.mean()), **step_stats}
         log.log(step, metrics)
         if step % opts.save_every == 0 or step == opts.steps:
             state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),
