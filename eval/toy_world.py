@@ -25,15 +25,16 @@ captioner sees apart from what it says (colour_accuracy: teacher-forced on a lev
 is that colour its most likely next word; chance 1 / 5); and the decoder alone, from the ground-truth full captions:
 recon_score_fixed and attribute_accuracy (is each object's colour present in its cell of the generated image: a
 GenEval in miniature). Floor: the empty caption; ceiling: the ground-truth full caption, both through the start
-decoder and the last stage's (a seed's own ceiling is its last stage's recon_score_fixed).
+decoder and the last stage's (a seed's own ceiling is its last stage's recon_score_fixed); between them the ladder:
+the ground-truth captions at each detail level through the start decoder.
 
 Each stage of each seed, trained then scored, is a job (`pipeline_jobs`); `run_jobs` runs them in --workers spawned
 processes of one thread each, a job as soon as the one it starts from is done, its training output in runs/logs/.
 
-Writes DIR/report.json ({"stages": [...], "floor": ..., "ceiling": ..., "targets": ...}), DIR/report.html (tables,
-reward curves, source / reconstruction grids and captions before and after) and the runs under DIR/runs/. The world
-lives in DIR/world/ (or --world): reused when its recorded settings match (the held-out split is rewritten to the
-plan's count; no model depends on it), rebuilt with --rebuild, else an error.
+Writes DIR/report.json ({"stages": [...], "floor": ..., "ceiling": ..., "ladder": ..., "targets": ...}),
+DIR/report.html (tables, reward curves, source / reconstruction grids and captions before and after) and the runs
+under DIR/runs/. The world lives in DIR/world/ (or --world): reused when its recorded settings match (the held-out
+split is rewritten to the plan's count; no model depends on it), rebuilt with --rebuild, else an error.
 """
 from __future__ import annotations
 
@@ -386,8 +387,8 @@ def stage_job(w: World, plan: Plan, runs: Path, seed: int | None, stage: str, fl
             result = {"run": run, "row": ev.stage(run)}
             if floor:
                 result["floor"] = ev.floor(run)
-            if seed is None:  # the report's first row of images and its true captions
-                result.update(sources=ev.sources[:8], full_captions=ev.full_captions[:8])
+            if seed is None:  # the report's first row of images and its true captions, and the detail ladder
+                result.update(sources=ev.sources[:8], full_captions=ev.full_captions[:8], ladder=ev.ladder(run))
     except (Exception, SystemExit) as e:
         raise RuntimeError(f"{e!r} (its log: {log})") from e
     return result
@@ -559,11 +560,25 @@ class Evaluator:
         }
 
     @torch.no_grad()
+    def ladder(self, run: Path) -> list[dict]:
+        """The ground-truth captions at each detail level (train/world.py `describe`: background, + count, + colours,
+        + shapes, + sizes and positions) through the decoder of `run`: the benchmark should score more true detail
+        higher, from the floor's end (level 0) to the ceiling (the full captions)."""
+        from train import world
+
+        uae, rows = self.model(run), []
+        for level in range(world.LEVELS):
+            score, err, per_image = self.scores(self.render(uae, [world.describe(s, level) for s in self.scenes]))
+            rows.append({"level": level, "example": world.describe(self.scenes[0], level), "recon_score": score,
+                         "recon_stderr": err, "recon_per_image": per_image})
+        return rows
+
+    @torch.no_grad()
     def floor(self, run: Path) -> dict:
         """The empty caption through the decoder of `run` (the ceiling, the ground-truth caption through a stage's
         decoder, is that stage's recon_score_fixed)."""
-        score, err, _ = self.scores(self.render(self.model(run), [""] * len(self.scenes)))
-        return {"recon_score": score, "recon_stderr": err}
+        score, err, per_image = self.scores(self.render(self.model(run), [""] * len(self.scenes)))
+        return {"recon_score": score, "recon_stderr": err, "recon_per_image": per_image}
 
 
 def mean(xs: list[float]) -> float:
@@ -579,16 +594,17 @@ def stderr(xs: list[float]) -> float:
 
 # ----------------------------------------------------------------------------------------------- targets
 
-def check_targets(rows: list[dict], controls: dict, floor: float | None = None) -> list[dict]:
+def check_targets(rows: list[dict], controls: dict, floor: dict | None = None) -> list[dict]:
     """The issue's targets, each with the measured values and whether it is met (the report says a miss plainly).
-    `floor`: the empty caption's score through the start decoder (the ceiling of a row is its own recon_score_fixed:
-    the ground-truth caption through the same decoder)."""
+    `floor`: the empty caption through the start decoder (`Evaluator.floor`: recon_score, recon_stderr and the
+    per-image scores); the ceiling of a row is its own recon_score_fixed, the ground-truth caption through the same
+    decoder."""
     by = {(r["stage"], r["seed"]): r for r in rows}
     seeds = sorted({r["seed"] for r in rows})
     out = []
 
-    def add(name, goal, values, met):
-        out.append({"target": name, "goal": goal, "measured": values, "met": bool(met)})
+    def add(name, goal, values, met, **more):
+        out.append({"target": name, "goal": goal, "measured": values, "met": bool(met), **more})
 
     def pairs(a, b):
         return [(by[(a, s)], by[(b, s)]) for s in seeds if (a, s) in by and (b, s) in by]
@@ -624,13 +640,27 @@ def check_targets(rows: list[dict], controls: dict, floor: float | None = None) 
         p and all(b["attribute_accuracy"] > a["attribute_accuracy"] for a, b in p))
     trained = [r for r in rows if r["stage"] in ("cold_start", "grpo_encoder", "grpo_decoder")]
     if trained and floor is not None:
-        above = [r["recon_score_fixed"] - r["recon_score"] for r in trained]
-        below = [r["recon_score"] - floor for r in trained]
+        # (margin, its standard error) per row; the ceiling is scored on the same scenes and render seeds as the row,
+        # and so is the floor where its per-image scores are given: paired standard errors.
+        above = min((r["recon_score_fixed"] - r["recon_score"], _change_stderr(r, _ceiling_row(r), ""))
+                    for r in trained)
+        below = min((r["recon_score"] - floor["recon_score"], _change_stderr(floor, r, "")) for r in trained)
         add("benchmark: ceiling above and floor below every trained row",
             "each trained row's score below its decoder's score from the ground-truth captions and above the empty "
-            "caption's; measured: the smallest margins (ceiling - row, row - floor)",
-            [round(min(above), 4), round(min(below), 4)], min(above) > 0 and min(below) > 0)
+            "caption's; measured: the smallest margins (ceiling - row, row - floor), and in_stderrs the same "
+            "margins in standard errors of their per-image differences",
+            [round(above[0], 4), round(below[0], 4)], above[0] > 0 and below[0] > 0,
+            in_stderrs=[round(m / se, 2) for m, se in (above, below)])
     return out
+
+
+def _ceiling_row(row: dict) -> dict:
+    """A row's ceiling (its decoder's scores from the ground-truth captions) as a row of its own, for
+    `_change_stderr`."""
+    ceiling = {"recon_score": row["recon_score_fixed"], "recon_stderr": row["recon_stderr_fixed"]}
+    if "recon_fixed_per_image" in row:
+        ceiling["recon_per_image"] = row["recon_fixed_per_image"]
+    return ceiling
 
 
 def time_targets(prepare_s: float, pipeline_s: float) -> list[dict]:
@@ -722,7 +752,8 @@ def write_report(out: Path, report: dict, grids: dict, runs: dict) -> None:
     body = ["<h1>UAE on the toy world</h1>", f"<p>{html.escape(report['summary'])}</p>", "<h2>Targets</h2>",
             "<table><tr><th>target</th><th>goal</th><th>measured</th><th>met</th></tr>"]
     for t in report["targets"]:
-        body.append(f"<tr><td>{cell(t['target'])}</td><td>{cell(t['goal'])}</td><td>{cell(t['measured'])}</td>"
+        measured = cell(t["measured"]) + (f" ({cell(t['in_stderrs'])} s.e.)" if "in_stderrs" in t else "")
+        body.append(f"<tr><td>{cell(t['target'])}</td><td>{cell(t['goal'])}</td><td>{measured}</td>"
                     f"<td>{'yes' if t['met'] else '<b>MISSED</b>'}</td></tr>")
     body.append("</table>")
     changes = report["world"]["measured"]["clip"].get("cos_change")
@@ -737,6 +768,11 @@ def write_report(out: Path, report: dict, grids: dict, runs: dict) -> None:
              + [{"stage": "floor (empty caption)", **report["floor"]}])
     for r in shown:
         body.append("<tr>" + "".join(f"<td>{cell(r.get(c, ''))}</td>" for c in cols) + "</tr>")
+    body.append("</table><h2>Ground-truth captions by detail level (start decoder)</h2><table><tr><th>level</th>"
+                "<th>first held-out scene's caption</th><th>recon_score</th><th>recon_stderr</th></tr>")
+    for r in report["ladder"]:
+        body.append("<tr>" + "".join(f"<td>{cell(r[c])}</td>" for c in ("level", "example", "recon_score",
+                                                                          "recon_stderr")) + "</tr>")
     body.append("</table><h2>Reward curves</h2>")
     body += [f'<img src="figures/reward_{s}.png">' for s in ("cold_start", "grpo_encoder", "grpo_decoder")]
     body.append("<h2>Sources and reconstructions (held-out, first seed)</h2><p>rows: source, then each stage's "
@@ -823,12 +859,13 @@ def main(argv: list[str] | None = None) -> dict:
     pipeline_s = time.perf_counter() - t1
     built = json.loads((w.folder / "world.json").read_text())
     # The preparation's time is the world's build time, recorded in world.json: a reused world takes none here.
-    targets = check_targets(rows, controls, floor_start["recon_score"]) + time_targets(
+    targets = check_targets(rows, controls, floor_start) + time_targets(
         built["measured"]["prepare_s"], pipeline_s)
     missed = [t["target"] for t in targets if not t["met"]]
     report = {
         "stages": rows, "controls": controls,
         "floor": {**floor_start, "decoder": "start", "final_decoder": floor_last},
+        "ladder": results["start"]["ladder"],
         "ceiling": {**ceiling(last_row(rows, plan.seeds[0])), "decoder": "grpo_decoder",
                     "start_decoder": ceiling(start),
                     "per_seed": {str(s): last_row(rows, s)["recon_score_fixed"] for s in plan.seeds}},

@@ -1,5 +1,6 @@
 """eval/toy_world.py: the shortened run end to end (world preparation, the pipeline with the training scripts,
 evaluation on held-out scenes, report), the world cache, and the targets' bookkeeping."""
+import html
 import json
 import math
 import os
@@ -10,6 +11,7 @@ import pytest
 
 from eval import toy_world
 from eval.toy_world import mean, stderr
+from train import world
 from tests.run_helpers import one_thread  # noqa: F401 (an autouse fixture)
 
 
@@ -40,6 +42,14 @@ def test_quick_run_writes_the_report(quick_report):
     assert "a --quick run" in saved["summary"]
     page = (out / "report.html").read_text()
     assert "Targets" in page and "floor (empty caption)" in page and "ceiling (ground-truth caption)" in page
+    # The ladder: the ground-truth captions at every detail level through the start decoder, the last of them the
+    # start's ceiling (the full captions, scored by the same renders).
+    ladder = saved["ladder"]
+    assert [r["level"] for r in ladder] == list(range(world.LEVELS))
+    assert [r["example"] for r in ladder] == [world.describe(world.read_scenes(out / "world" / "data" / "heldout")[0],
+                                                             level) for level in range(world.LEVELS)]
+    assert ladder[-1]["recon_score"] == pytest.approx(saved["ceiling"]["start_decoder"]["recon_score"], abs=1e-9)
+    assert "Ground-truth captions by detail level" in page and html.escape(ladder[1]["example"]) in page
     # What the reward CLIP pays for each attribute a caption states, as the world measured it when it was built.
     changes = saved["world"]["measured"]["clip"]["cos_change"]
     assert "What the reward pays" in page and all(f"{a} {c:.3f}" in page for a, c in changes.items())
@@ -251,10 +261,13 @@ def test_a_plan_whose_captioner_parts_do_not_fit_is_refused():
     assert toy_world.Plan(captioner_detail_steps=0).captioner_detail_steps == 0  # the mix alone
 
 
+FLOOR = {"recon_score": 0.1, "recon_stderr": 0.01}  # the empty caption's row, without per-image scores
+
+
 def test_targets_are_judged_from_the_rows():
     rows = [_row("cold_start", 0, 0.80, recall=0.3, length=8), _row("grpo_encoder", 0, 0.90, recall=0.6, length=14),
             _row("grpo_decoder", 0, 0.91, fixed=0.7, acc=0.8)]
-    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.805)}, floor=0.1)}
+    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.805)}, floor=FLOOR)}
     assert met == {"stage 2: caption recall": True, "stage 2: caption length": True,
                    "stage 2: reconstruction score": True, "stage 2 control lr 0: flat": True,
                    "stage 3: reconstruction score with fixed captions": True, "stage 3: attribute accuracy": True,
@@ -263,14 +276,17 @@ def test_targets_are_judged_from_the_rows():
     # start's and stage 2's rows above have 0.5 there, below their own scores.
     for r in rows:
         r["recon_score_fixed"] = 0.95
-    bench = {t["target"]: t for t in toy_world.check_targets(rows, {}, floor=0.1)}[
+    bench = {t["target"]: t for t in toy_world.check_targets(rows, {}, floor=FLOOR)}[
         "benchmark: ceiling above and floor below every trained row"]
     assert bench["met"] and bench["measured"] == [pytest.approx(0.04), pytest.approx(0.7)]
-    assert not {t["target"]: t for t in toy_world.check_targets(rows, {}, floor=0.85)}[
+    # Without per-image scores, in standard errors of the unpaired difference (0.01 on each side).
+    assert bench["in_stderrs"] == [pytest.approx(0.04 / math.hypot(0.01, 0.01), abs=0.01),
+                                   pytest.approx(0.7 / math.hypot(0.01, 0.01), abs=0.01)]
+    assert not {t["target"]: t for t in toy_world.check_targets(rows, {}, floor={**FLOOR, "recon_score": 0.85})}[
         "benchmark: ceiling above and floor below every trained row"]["met"]
     rows[1]["caption_len"] = 11.0  # 1.375x: missed, and said so
     rows[2]["attribute_accuracy"] = 0.5
-    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)}, floor=0.1)}
+    met = {t["target"]: t["met"] for t in toy_world.check_targets(rows, {"lr0": _row("x", 0, 0.9)}, floor=FLOOR)}
     assert not met["stage 2: caption length"] and not met["stage 3: attribute accuracy"]
     assert not met["stage 2 control lr 0: flat"]
 
@@ -293,3 +309,22 @@ def test_a_change_is_judged_against_the_per_image_change():
     assert toy_world._change_stderr(a, b, "") == pytest.approx(stderr(diffs))
     met = {t["target"]: t for t in toy_world.check_targets([a, b], {})}["stage 2: reconstruction score"]
     assert met["met"] and met["measured"][0] == pytest.approx(mean(diffs) / stderr(diffs), abs=0.01)
+
+
+def test_the_ceiling_margin_is_judged_against_the_per_image_difference():
+    # A row 0.05 above its ceiling on average, image by image all over the place (+-0.3): above the ceiling, so the
+    # target is missed, but by well under 3 standard errors of the paired difference, and the report says how many.
+    row = _row("grpo_encoder", 0, 0.45, fixed=0.40)
+    ceiling = [0.1, 0.9, -0.4, 0.5, 0.3, 0.6]
+    diffs = [0.35, -0.25, 0.3, -0.2, 0.25, -0.15]
+    row["recon_fixed_per_image"], row["recon_per_image"] = ceiling, [c + d for c, d in zip(ceiling, diffs)]
+    row["recon_score_fixed"], row["recon_score"] = mean(ceiling), mean(row["recon_per_image"])
+    gaps = [0.5, 0.51, 0.49, 0.5, 0.52, 0.48]  # the floor ~0.5 below the row, image by image
+    floor_images = [x - g for x, g in zip(row["recon_per_image"], gaps)]
+    floor = {"recon_score": mean(floor_images), "recon_stderr": stderr(floor_images), "recon_per_image": floor_images}
+    bench = {t["target"]: t for t in toy_world.check_targets([row], {}, floor=floor)}[
+        "benchmark: ceiling above and floor below every trained row"]
+    assert not bench["met"] and bench["measured"][0] == pytest.approx(-mean(diffs))
+    assert bench["in_stderrs"][0] == pytest.approx(-mean(diffs) / stderr(diffs), abs=0.01)
+    assert -3 < bench["in_stderrs"][0] < 0
+    assert bench["in_stderrs"][1] == pytest.approx(mean(gaps) / stderr(gaps), abs=0.01)  # paired as well
