@@ -388,7 +388,8 @@ def stage_job(w: World, plan: Plan, runs: Path, seed: int | None, stage: str, fl
             if floor:
                 result["floor"] = ev.floor(run)
             if seed is None:  # the report's first row of images and its true captions, and the detail ladder
-                result.update(sources=ev.sources[:8], full_captions=ev.full_captions[:8], ladder=ev.ladder(run))
+                result.update(sources=ev.sources[:8], full_captions=ev.full_captions[:8],
+                              ladder=ev.ladder(run, result["row"]))
     except (Exception, SystemExit) as e:
         raise RuntimeError(f"{e!r} (its log: {log})") from e
     return result
@@ -560,18 +561,19 @@ class Evaluator:
         }
 
     @torch.no_grad()
-    def ladder(self, run: Path) -> list[dict]:
+    def ladder(self, run: Path, row: dict) -> list[dict]:
         """The ground-truth captions at each detail level (train/world.py `describe`: background, + count, + colours,
         + shapes, + sizes and positions) through the decoder of `run`: the benchmark should score more true detail
-        higher, from the floor's end (level 0) to the ceiling (the full captions)."""
+        higher, from the floor's end (level 0) to the ceiling (the full captions). The full captions' scores are
+        those `stage` scored for `run` (its `row`: the same captions and render seeds), not rendered again."""
         from train import world
 
         uae, rows = self.model(run), []
-        for level in range(world.LEVELS):
+        for level in range(world.LEVELS - 1):
             score, err, per_image = self.scores(self.render(uae, [world.describe(s, level) for s in self.scenes]))
-            rows.append({"level": level, "example": world.describe(self.scenes[0], level), "recon_score": score,
-                         "recon_stderr": err, "recon_per_image": per_image})
-        return rows
+            rows.append({"level": level, "recon_score": score, "recon_stderr": err, "recon_per_image": per_image})
+        rows.append({"level": world.LEVELS - 1, **ceiling_row(row)})
+        return [{**r, "example": world.describe(self.scenes[0], r["level"])} for r in rows]
 
     @torch.no_grad()
     def floor(self, run: Path) -> dict:
@@ -642,7 +644,7 @@ def check_targets(rows: list[dict], controls: dict, floor: dict | None = None) -
     if trained and floor is not None:
         # (margin, its standard error) per row; the ceiling is scored on the same scenes and render seeds as the row,
         # and so is the floor where its per-image scores are given: paired standard errors.
-        above = min((r["recon_score_fixed"] - r["recon_score"], _change_stderr(r, _ceiling_row(r), ""))
+        above = min((r["recon_score_fixed"] - r["recon_score"], _change_stderr(r, ceiling_row(r), ""))
                     for r in trained)
         below = min((r["recon_score"] - floor["recon_score"], _change_stderr(floor, r, "")) for r in trained)
         add("benchmark: ceiling above and floor below every trained row",
@@ -654,9 +656,9 @@ def check_targets(rows: list[dict], controls: dict, floor: dict | None = None) -
     return out
 
 
-def _ceiling_row(row: dict) -> dict:
-    """A row's ceiling (its decoder's scores from the ground-truth captions) as a row of its own, for
-    `_change_stderr`."""
+def ceiling_row(row: dict) -> dict:
+    """A row's ceiling (its decoder's scores from the ground-truth captions) as a row of its own: the report's
+    ceiling, and the other side of `_change_stderr` for the ceiling's margin."""
     ceiling = {"recon_score": row["recon_score_fixed"], "recon_stderr": row["recon_stderr_fixed"]}
     if "recon_fixed_per_image" in row:
         ceiling["recon_per_image"] = row["recon_fixed_per_image"]
@@ -853,9 +855,6 @@ def main(argv: list[str] | None = None) -> dict:
     floor_start = results["start"]["floor"]
     floor_last = results[f"seed{plan.seeds[0]}/{STAGES[-1]}"]["floor"]
 
-    def ceiling(row: dict) -> dict:
-        return {"recon_score": row["recon_score_fixed"], "recon_stderr": row["recon_stderr_fixed"]}
-
     pipeline_s = time.perf_counter() - t1
     built = json.loads((w.folder / "world.json").read_text())
     # The preparation's time is the world's build time, recorded in world.json: a reused world takes none here.
@@ -866,8 +865,8 @@ def main(argv: list[str] | None = None) -> dict:
         "stages": rows, "controls": controls,
         "floor": {**floor_start, "decoder": "start", "final_decoder": floor_last},
         "ladder": results["start"]["ladder"],
-        "ceiling": {**ceiling(last_row(rows, plan.seeds[0])), "decoder": "grpo_decoder",
-                    "start_decoder": ceiling(start),
+        "ceiling": {**ceiling_row(last_row(rows, plan.seeds[0])), "decoder": "grpo_decoder",
+                    "start_decoder": ceiling_row(start),
                     "per_seed": {str(s): last_row(rows, s)["recon_score_fixed"] for s in plan.seeds}},
         "targets": targets, "plan": dataclasses.asdict(plan), "workers": a.workers,
         "timing_s": {"prepare": round(prepare_s, 1), "pipeline_and_report": None},
