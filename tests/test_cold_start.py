@@ -83,11 +83,15 @@ def test_grad_last_k_reaches_the_sampler(tmp_path, monkeypatch):
 
 def test_resume_matches_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    common = FAST + ["--save-every", "1"]
+    # A linear decay after a one-step warmup: the interrupted run's first step has the full run's rate (1 x --lr),
+    # and the resumed steps take theirs from the step count, not from the restored optimizer's groups.
+    common = FAST + ["--save-every", "1", "--lr-schedule", "linear", "--warmup-steps", "1"]
     cs.main(common + ["--steps", "3", "--out", str(full)])
     cs.main(common + ["--steps", "1", "--out", str(part)])
     cs.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
+    lrs = [r["lr"] for r in rows(full)]
+    assert lrs[0] > 0 and lrs == pytest.approx([lrs[0], lrs[0], lrs[0] / 2], rel=1e-12)
     for component in ("lvlm", "dit"):
         a, b = adapter(trained(full, component)), adapter(trained(part, component))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), component

@@ -194,11 +194,15 @@ def test_adapters_off_reference_equals_frozen_base(tmp_path):
 
 def test_resume_matches_uninterrupted_run(tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    common = FAST + ["--save-every", "1"]
+    # A linear decay after a one-step warmup: the interrupted run's first step has the full run's rate (1 x --lr),
+    # and the resumed steps take theirs from the step count, not from the restored optimizer's groups.
+    common = FAST + ["--save-every", "1", "--lr-schedule", "linear", "--warmup-steps", "1"]
     gd.main(common + ["--steps", "3", "--out", str(full)])
     gd.main(common + ["--steps", "1", "--out", str(part)])
     gd.main(common + ["--steps", "3", "--out", str(part), "--resume"])
     assert without_time(rows(part)) == without_time(rows(full))
+    lrs = [r["lr"] for r in rows(full)]
+    assert lrs[0] > 0 and lrs == pytest.approx([lrs[0], lrs[0], lrs[0] / 2], rel=1e-12)
     for ema in (False, True):
         a, b = adapter(trained(full, "dit", ema)), adapter(trained(part, "dit", ema))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), ema

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from model.layers import get_attention_backend
-from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, SFTOptions, UsageError, apply_optimizer_options,
+from train.common import (MetricsLogger, NonFiniteGuard, RunOptions, UsageError, apply_optimizer_options,
                           build_uae, latest_checkpoint, lock_run_folder, lr_multiplier, open_run_folder, option,
                           parse_options, release_run_folder, rng_state, save_checkpoint, set_lr, set_rng_state,
                           warn_zero_advantages)
@@ -232,32 +232,52 @@ def test_lr_multiplier_warmup_constant_and_cosine():
     assert cos[:2] == [0.5, 1.0] and cos[2] == 1.0
     assert cos[7] == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * 5 / 10)))  # step 8: half way, 0.55
     assert all(a > b for a, b in zip(cos[2:], cos[3:])) and cos[-1] > 0.1
-    with pytest.raises(ValueError, match="constant, cosine"):
-        lr_multiplier(1, 10, 0, "linear")
+    with pytest.raises(ValueError, match="constant, cosine, linear"):
+        lr_multiplier(1, 10, 0, "step")
+
+
+@pytest.mark.parametrize("steps, warmup", [(1, 0), (7, 0), (13, 3), (9, 9)])
+def test_linear_schedule_matches_transformers(steps, warmup):
+    # transformers' get_linear_schedule_with_warmup (the Trainer's and TRL's default): the rate of optimizer step s
+    # (1-based) is its lambda at s - 1 scheduler steps taken. After the warmup the two agree exactly; in the warmup
+    # transformers starts at 0 (its first step does nothing), ours at 1 / warmup.
+    from transformers import get_linear_schedule_with_warmup
+    w = torch.nn.Parameter(torch.ones(1))
+    opt = torch.optim.SGD([w], lr=1.0)
+    sched = get_linear_schedule_with_warmup(opt, warmup, steps)
+    theirs = []
+    for _ in range(steps):
+        theirs.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    ours = [lr_multiplier(s, steps, warmup, "linear") for s in range(1, steps + 1)]
+    assert ours[warmup:] == pytest.approx(theirs[warmup:], rel=1e-12, abs=0)
+    assert ours[:warmup] == pytest.approx([(s + 1) / warmup for s in range(warmup)])
+    assert ours[-1] == pytest.approx(1 / max(steps - warmup, 1) if steps > warmup else 1.0)
 
 
 def test_set_lr_and_a_scheduled_resume(capsys):
     w = torch.nn.Parameter(torch.ones(2))
     opt = torch.optim.AdamW([w], lr=1.0)
-    opts = SFTOptions(lr=2e-3, steps=10, warmup_steps=4, lr_schedule="cosine")
+    opts = RunOptions(lr=2e-3, steps=10, warmup_steps=4, lr_schedule="cosine")
     assert set_lr(opt, opts, 2) == pytest.approx(1e-3) and opt.param_groups[0]["lr"] == pytest.approx(1e-3)
     saved = dataclasses.asdict(opts)  # what a checkpoint's state["options"] holds
     resumed = torch.optim.AdamW([w], lr=2e-3)
     resumed.load_state_dict(opt.state_dict())
     apply_optimizer_options(resumed, opts, True, saved)  # the same --lr: the saved step's rate is no change of it
     assert "resume: lr" not in capsys.readouterr().out
-    apply_optimizer_options(resumed, SFTOptions(lr=1e-3, steps=10), True, saved)
+    apply_optimizer_options(resumed, RunOptions(lr=1e-3, steps=10), True, saved)
     assert "resume: lr 0.002 -> 0.001 (--lr)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine"),
+    (["--lr-schedule", "step"], "--lr-schedule must be one of constant, cosine, linear"),
     (["--steps", "5", "--warmup-steps", "6"], r"--warmup-steps must be in \[0, --steps 5\]"),
     (["--warmup-steps=-1"], "--warmup-steps must be in"),
 ])
-def test_sft_options_are_checked_up_front(args, message):
+def test_schedule_options_are_checked_up_front(args, message):
     with pytest.raises(UsageError, match=message):
-        parse_options(SFTOptions, args)
+        parse_options(RunOptions, args)
 
 
 @pytest.mark.parametrize("args, message", [

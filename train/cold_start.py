@@ -38,7 +38,8 @@ from model.uae import DIT_LORA_TARGETS, LLM_LORA_TARGETS, NEGATIVE_PROMPT, UAESe
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
                           build_reward, build_uae, finish_run, finite, global_max, init_distributed, is_tiny,
                           open_run_folder, option, parse_dtype, parse_options, reduce_stats, require, resume_loop,
-                          rng_state, run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter)
+                          rng_state, run_script, save_run_checkpoint, set_lr, split_for_rank, step_generator,
+                          trained_adapter)
 from train.data import ResumableSampler, pil_to_tensor
 
 
@@ -111,6 +112,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {}
 
     for step in range(start + 1, opts.steps + 1):
+        lr = set_lr(opt, opts, step)
         gen = step_generator(opts.seed, step)
         images = sampler.next_batch(opts.batch_size)
         noise = torch.randn(uae.latent_shape(opts.batch_size, opts.size, opts.size), generator=gen)[my_share]
@@ -153,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
             opt.zero_grad(set_to_none=True)
         else:
             opt.step()
-        metrics = {**step_stats, "grad_norm": float(grad_norm)}
+        metrics = {**step_stats, "grad_norm": float(grad_norm), "lr": lr}
         log.log(step, metrics)
         if step % opts.save_every == 0 or step == opts.steps:
             state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),

@@ -116,6 +116,10 @@ class RunOptions:
     lr: float = option(1e-4, "AdamW learning rate")
     weight_decay: float = option(0.0, "AdamW weight decay")
     grad_clip: float = option(1.0, "gradient norm clip")
+    lr_schedule: str = option("constant", "learning-rate schedule after the warmup: constant | cosine (decays "
+                                          "towards a tenth of --lr at the last step) | linear (to 0 past the last "
+                                          "step: transformers' and so TRL's default)")
+    warmup_steps: int = option(0, "steps of linear learning-rate warmup from 0 to --lr")
     lora_rank: int = option(LORA_RANK, "LoRA rank")
     lora_alpha: float = option(LORA_ALPHA, "LoRA alpha")
     dtype: str = option("fp32", "fp32 | bf16 model weights")
@@ -140,6 +144,10 @@ class RunOptions:
         require(finite(self.weight_decay) and self.weight_decay >= 0,
                 f"--weight-decay must be >= 0, got {self.weight_decay}")
         require(finite(self.grad_clip) and self.grad_clip > 0, f"--grad-clip must be > 0, got {self.grad_clip}")
+        require(self.lr_schedule in LR_SCHEDULES,
+                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
+        require(0 <= self.warmup_steps <= self.steps,
+                f"--warmup-steps must be in [0, --steps {self.steps}], got {self.warmup_steps}")
         lowest_rank = 0 if self.full_parameter_training else 1
         require(self.lora_rank >= lowest_rank, f"--lora-rank must be >= {lowest_rank}, got {self.lora_rank}")
         require(finite(self.lora_alpha) and self.lora_alpha > 0, f"--lora-alpha must be > 0, got {self.lora_alpha}")
@@ -156,21 +164,6 @@ class RunOptions:
         for name in BASE_PARTS + ("init", "data"):
             path = getattr(self, name)
             require(not path or os.path.exists(path), f"--{name.replace('_', '-')} {path}: no such file or folder")
-
-
-@dataclass
-class SFTOptions(RunOptions):
-    """The supervised stages' options: RunOptions and a learning-rate schedule (`set_lr`)."""
-    lr_schedule: str = option("constant", "learning-rate schedule after the warmup: constant | cosine (decays "
-                                          "towards a tenth of --lr at the last step)")
-    warmup_steps: int = option(0, "steps of linear learning-rate warmup from 0 to --lr")
-
-    def check(self) -> None:
-        super().check()
-        require(self.lr_schedule in LR_SCHEDULES,
-                f"--lr-schedule must be one of {', '.join(LR_SCHEDULES)}, got {self.lr_schedule!r}")
-        require(0 <= self.warmup_steps <= self.steps,
-                f"--warmup-steps must be in [0, --steps {self.steps}], got {self.warmup_steps}")
 
 
 # ----------------------------------------------------------------------------------------------- distributed
@@ -314,26 +307,30 @@ def step_generator(seed: int, step: int) -> torch.Generator:
 
 
 
-LR_SCHEDULES = ("constant", "cosine")
+LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
 def lr_multiplier(step: int, steps: int, warmup: int = 0, schedule: str = "constant") -> float:
     """The factor of the base learning rate at optimizer step `step` (1-based) of `steps`: a linear warmup to 1 over
-    the first `warmup` steps, then 1 ("constant") or a cosine decay towards a tenth ("cosine": 0.1 + 0.9 (1 +
-    cos(pi p)) / 2, p the fraction of the steps after the warmup already taken). A decayed rate is what makes a short
-    run's last weights usable as they are: at a constant rate they carry the optimizer's step noise."""
+    the first `warmup` steps, then 1 ("constant"), a cosine decay towards a tenth ("cosine": 0.1 + 0.9 (1 + cos(pi
+    p)) / 2, p the fraction of the steps after the warmup already taken), or a linear decay ("linear": (steps - step +
+    1) / (steps - warmup), from 1 to 1 / (steps - warmup) at the last step; transformers'
+    get_linear_schedule_with_warmup, the default of its Trainer and so of TRL's GRPOTrainer). A decayed rate is what
+    makes a short run's last weights usable as they are: at a constant rate they carry the optimizer's step noise."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"learning-rate schedule must be one of {', '.join(LR_SCHEDULES)}, got {schedule!r}")
     if step <= warmup:
         return step / warmup
     if schedule == "constant":
         return 1.0
+    if schedule == "linear":
+        return (steps - step + 1) / max(steps - warmup, 1)
     progress = (step - 1 - warmup) / max(steps - warmup, 1)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def set_lr(opt: torch.optim.Optimizer, opts, step: int) -> float:
-    """Set every parameter group's learning rate for `step` from --lr, --lr-schedule and --warmup-steps (SFTOptions);
+    """Set every parameter group's learning rate for `step` from --lr, --lr-schedule and --warmup-steps;
     returns it (a metric)."""
     lr = opts.lr * lr_multiplier(step, opts.steps, opts.warmup_steps, opts.lr_schedule)
     for group in opt.param_groups:

@@ -58,8 +58,8 @@ from model.uae import DIT_LORA_TARGETS, UAESettings
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, all_gather_cat,
                           average_gradients, build_dataset, build_reward, build_uae, condition_padded_over_ranks,
                           finish_run, finite, group_rewards, init_distributed, is_tiny, open_run_folder, option,
-                          parse_dtype, parse_options, read_metrics_rows, reduce_stats, require, resume_loop,
-                          rng_state, run_script, save_run_checkpoint, split_for_rank, step_generator, trained_adapter,
+                          parse_dtype, parse_options, read_metrics_rows, reduce_stats, require, resume_loop, rng_state,
+                          run_script, save_run_checkpoint, set_lr, split_for_rank, step_generator, trained_adapter,
                           warn_single_sample_groups, warn_zero_advantages)
 from train.data import ResumableSampler
 from train.rl import EMA, flow_grpo_loss, group_advantages
@@ -307,6 +307,7 @@ def main(argv: list[str] | None = None) -> dict:
             baseline = step_zero_rewards(os.path.join(opts.out, "eval.jsonl"))
 
     for step in range(start + 1, opts.steps + 1):
+        lr = set_lr(opt, opts, step)  # one rate for the step's minibatches
         # Every rank draws the same global randomness, then keeps its slice of trajectories.
         gen = step_generator(opts.seed, step)
         batch = sampler.next_batch(opts.images_per_step)
@@ -378,7 +379,7 @@ def main(argv: list[str] | None = None) -> dict:
 
         metrics = {"loss": step_stats.pop("loss"), "reward_mean": float(all_rewards.mean()),
                    "reward_std": float(all_rewards.std(unbiased=False)),
-                   "grad_norm": sum(grad_norms) / len(grad_norms), **step_stats}
+                   "grad_norm": sum(grad_norms) / len(grad_norms), "lr": lr, **step_stats}
         log.log(step, metrics)
         if eval_items and (step % opts.eval_every == 0 or step == opts.steps):
             run_eval(step)

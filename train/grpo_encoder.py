@@ -59,7 +59,7 @@ from model.uae import LLM_LORA_TARGETS
 from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, all_gather_cat, average_gradients,
                           build_dataset, build_reward, build_uae, condition_length, finish_run, finite, group_rewards,
                           init_distributed, is_tiny, open_run_folder, option, parse_dtype, parse_options, reduce_stats,
-                          require, resume_loop, rng_state, run_script, save_run_checkpoint, split_for_rank,
+                          require, resume_loop, rng_state, run_script, save_run_checkpoint, set_lr, split_for_rank,
                           step_generator, trained_adapter, warn_single_sample_groups, warn_zero_advantages)
 from train.data import ResumableSampler
 from train.rl import group_advantages, grpo_loss
@@ -220,6 +220,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {}
 
     for step in range(start + 1, opts.steps + 1):
+        lr = set_lr(opt, opts, step)
         gen = step_generator(opts.seed, step)
         images = [im for im, _ in sampler.next_batch(opts.images_per_step)]
         seeds = torch.randint(2**31 - 1, (n_caps, 2), generator=gen)
@@ -262,7 +263,7 @@ def main(argv: list[str] | None = None) -> dict:
             step_stats = {k: v for k, v in step_stats.items() if k not in RATIO_STATS}
         metrics = {"loss": step_stats.pop("loss"), "reward_mean": float(all_rewards.mean()),
                    "reward_std": float(all_rewards.std(unbiased=False)), "grad_norm": float(grad_norm),
-                   "caption_len": float(lengths.mean()), "truncated_frac": float(cut.mean()), **step_stats}
+                   "caption_len": float(lengths.mean()), "truncated_frac": float(cut.mean()), "lr": lr, **step_stats}
         log.log(step, metrics)
         if step % opts.save_every == 0 or step == opts.steps:
             state = {"options": asdict(opts), "optimizer": opt.state_dict(), "sampler": asdict(sampler.state),

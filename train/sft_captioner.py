@@ -58,7 +58,7 @@ import torch
 from eval.model_args import caption_prompt
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import LLM_LORA_TARGETS
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, SFTOptions, average_gradients, build_dataset,
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, average_gradients, build_dataset,
                           build_uae, finish_run, finite, init_distributed, open_run_folder, option, parse_dtype,
                           parse_options, reduce_stats, require, resume_loop, rng_state, run_script,
                           save_run_checkpoint, set_lr, split_for_rank, trained_adapter)
@@ -66,7 +66,7 @@ from train.data import ResumableSampler, SamplerState
 
 
 @dataclass
-class Options(SFTOptions):
+class Options(RunOptions):
     out: str = option("runs/sft_captioner", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     steps: int = option(40, "optimizer steps")
     size: int = option(64, "procedural scenes' size in pixels (--data images reach the captioner as they are, "

@@ -45,7 +45,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_state
 from model.lora import apply_lora, load_lora, lora_parameters, unwrap_lora
 from model.uae import DIT_LORA_TARGETS, NEGATIVE_PROMPT
 from train import latent_cache
-from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, SFTOptions, UsageError, average_gradients,
+from train.common import (BASE_KEYS, MetricsLogger, NonFiniteGuard, RunOptions, UsageError, average_gradients,
                           build_dataset, build_uae, encode_text_padded_over_ranks, finish_run, finite, init_distributed,
                           open_run_folder, option, parse_dtype, parse_options, reduce_stats, require, resume_loop,
                           rng_state, run_script, save_run_checkpoint, set_lr, split_for_rank, step_generator,
@@ -55,7 +55,7 @@ from train.data import (BatchLoader, BucketLoader, BucketSampler, ImageTensors, 
 
 
 @dataclass
-class Options(SFTOptions):
+class Options(RunOptions):
     out: str = option("runs/sft_decoder", "run folder: metrics.jsonl, checkpoints (model/: the handoff)")
     steps: int = option(40, "optimizer steps")
     batch_size: int = option(4, "(image, caption) pairs per step (global)")
