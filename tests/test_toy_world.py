@@ -157,6 +157,23 @@ def test_the_world_trains_its_models_with_the_plans_settings(quick_report):
     assert detail and all(p.objects and all(o.colour for o in p.objects) for p in detail)  # every object's colour named
 
 
+def test_stage_2_runs_with_the_plans_settings(quick_report):
+    # The plan's stage-2 settings reach grpo_encoder, its learning rate decaying as the plan's schedule says.
+    from train.common import latest_checkpoint, lr_multiplier
+
+    out, _ = quick_report
+    plan = toy_world.QUICK
+    run = out / "runs" / "seed0" / "grpo_encoder"
+    _, state = latest_checkpoint(run)
+    assert {k: state["options"][k] for k in ("steps", "group_size", "images_per_step", "lr", "lr_schedule")} == {
+        "steps": plan.encoder_steps, "group_size": plan.encoder_group, "images_per_step": plan.encoder_images,
+        "lr": plan.encoder_lr, "lr_schedule": plan.encoder_lr_schedule}
+    lrs = [json.loads(line)["lr"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [plan.encoder_lr * lr_multiplier(s, plan.encoder_steps, 0, plan.encoder_lr_schedule)
+                for s in range(1, plan.encoder_steps + 1)]
+    assert plan.encoder_lr_schedule == "linear" and lrs == pytest.approx(expected) and lrs[-1] < lrs[0]
+
+
 def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
     # The README's second command: train/grpo_decoder.py on the prepared world, from its start, with the held-out
     # scenes evaluated before the first step and after the last.
