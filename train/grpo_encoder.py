@@ -36,11 +36,12 @@ Launch:
         --data data/images/ --dtype bf16 --size 512 --gen-steps 10 --guidance-scale 5 --render-noise caption \
         --group-size 8 --images-per-step 1 --max-new-tokens 0 --lr 1e-4 --beta 0.04 --steps 1000 \
         --out runs/grpo_encoder
-    # 8 GPUs, as the pipeline's stage 2: starting from the cold start's run (stage 1) with --init
+    # 8 GPUs, as the pipeline's stage 2: starting from the cold start's run (stage 1) with --init; the learning rate
+    # decays linearly to 0, TRL's default schedule (on the toy world it kept seeds from collapsing at the same peak)
     torchrun --nproc_per_node=8 train/grpo_encoder.py --uae ckpt/UAE --init runs/cold_start \
         --clip ckpt/clip-vit-large-patch14 --data data/images/ --dtype bf16 --size 512 --gen-steps 10 \
         --guidance-scale 5 --render-noise caption --group-size 8 --images-per-step 8 --max-new-tokens 0 --lr 1e-4 \
-        --beta 0.04 --steps 1000 --out runs/grpo_encoder
+        --beta 0.04 --lr-schedule linear --steps 1000 --out runs/grpo_encoder
     # resume: the same command with --resume
 """
 from __future__ import annotations
