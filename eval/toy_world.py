@@ -2,6 +2,7 @@
 
     python -m eval.toy_world --out runs/toy_world            # prepare the world (cached), run the pipeline, report
     python -m eval.toy_world --out /tmp/toy_world --quick    # a shortened run (what the tests run)
+    python -m eval.toy_world --out runs/toy_world --prepare-only   # the world alone, for the main job on it
 
 A scene is a background and 1-3 objects (colour, shape, size, cell of a 3x3 grid; train/world.py); its captions
 exist at five detail levels and a parser maps any caption back to the attributes it states, so a caption's precision
@@ -352,6 +353,16 @@ def train_stage(w: World, plan: Plan, runs: Path, seed: int, stage: str) -> Path
     return out
 
 
+def main_job_command(w: World, plan: Plan) -> str:
+    """The main job on world `w` (the toy world's third command in the README, which `--prepare-only` prints):
+    train/grpo_decoder.py from the world's start on `train.args`, with the plan's stage-3 batch, window, learning
+    rate and steps."""
+    return (f"torchrun --nproc_per_node=1 train/grpo_decoder.py $(cat {w.folder / 'train.args'}) --group-size "
+            f"{plan.decoder_rl_group} --images-per-step {plan.decoder_rl_images} --sde-window "
+            f"{plan.decoder_rl_sde_window} --lr {plan.decoder_rl_lr:g} --steps {plan.decoder_rl_steps} "
+            "--out runs/grpo_decoder_world")
+
+
 def pipeline_jobs(w: World, plan: Plan, runs: Path) -> dict[str, tuple[tuple, tuple[str, ...]]]:
     """The pipeline as jobs for `run_jobs`: name -> (`stage_job`'s arguments, the jobs it needs). The start's
     evaluation (with the floor), then each seed's stages in order, then the controls; the first seed's last stage
@@ -410,7 +421,7 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
     too. A job's numbers are then the same whatever `workers` is or the machine's core count (the rounding of a
     matmul changes with its thread count), and on the world's small models two one-thread processes do more than one
     two-thread process (the whole pipeline: 12.8 min against 17.5 on a 2-core AMD VM, 2026-12-03). A failed job
-    stops the run with an error naming it."""
+    stops the run with an error naming it, and the jobs running beside it."""
     for name, (_, needs) in jobs.items():
         unknown = [n for n in needs if n not in jobs]
         if unknown:
@@ -424,6 +435,7 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
         return [n for n, (_, needs) in pending.items() if all(d in results for d in needs)]
 
     # One loop for both ways: here (workers 1) a job runs at submit and its future is already done.
+    children_before = set(multiprocessing.active_children())
     pool = None if workers == 1 else ProcessPoolExecutor(
         min(workers, len(jobs)), mp_context=multiprocessing.get_context("spawn"), initializer=torch.set_num_threads,
         initargs=(1,))
@@ -461,9 +473,13 @@ def run_jobs(fn: Callable[..., dict], jobs: dict[str, tuple[tuple, tuple[str, ..
     finally:
         torch.set_num_threads(threads)
         if pool is not None:
-            # After a failure the error is raised at once and the jobs not started are dropped; the running ones
-            # end before this process exits.
+            # After a failure the error is raised at once, the jobs not started are dropped and the running ones
+            # stopped (the executor would otherwise keep this process alive until they end).
             pool.shutdown(wait=not failed, cancel_futures=True)
+            if failed:
+                for worker in set(multiprocessing.active_children()) - children_before:
+                    worker.terminate()
+                    worker.join()
     return results
 
 
@@ -807,6 +823,8 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--quick", action="store_true", help="a shortened run: tiny world training, one seed, a few "
                                                         "steps per stage (for tests; the targets are not expected)")
     p.add_argument("--rebuild", action="store_true", help="rebuild a world prepared with other settings")
+    p.add_argument("--prepare-only", action="store_true", help="prepare (or reuse) the world and stop: no pipeline, "
+                                                               "no report; prints the main job's command on it")
     p.add_argument("--seeds", default=None, help="comma-separated pipeline seeds (default: 0,1,2; --quick: 0)")
     p.add_argument("--no-controls", action="store_true", help="skip the two stage-2 control runs")
     p.add_argument("--workers", type=int, default=usable_cores(),
@@ -832,6 +850,9 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     w = prepare_world(Path(a.world) if a.world else out / "world", plan, a.rebuild)
     prepare_s = time.perf_counter() - t0
+    if a.prepare_only:
+        print(f"toy world: prepared in {w.folder}; the main job on it:\n    {main_job_command(w, plan)}", flush=True)
+        return {"world": str(w.folder), "main_job": main_job_command(w, plan)}
     t1 = time.perf_counter()
     runs_dir = out / "runs"
     jobs = pipeline_jobs(w, plan, runs_dir)

@@ -4,6 +4,7 @@ import html
 import json
 import math
 import os
+import re
 import time
 from pathlib import Path
 
@@ -113,6 +114,12 @@ def test_a_failed_job_stops_the_run_and_is_named():
     for workers in (1, 2):
         with pytest.raises(RuntimeError, match="job bad failed: ValueError.*bad broke"):
             toy_world.run_jobs(_job, jobs, workers, log=lambda line: None)
+    # A job running beside the failed one is stopped, not waited for.
+    import multiprocessing
+    with pytest.raises(RuntimeError, match="job bad failed"):
+        toy_world.run_jobs(_job, {"slow": (("slow", 600.0), ()), "bad": (("bad", 1.0, True), ())}, 2,
+                           log=lambda line: None)
+    assert not multiprocessing.active_children()
     with pytest.raises(ValueError, match=r"job 'x' needs \['nope'\], which are not jobs"):
         toy_world.run_jobs(_job, {"x": (("x",), ("nope",))}, 1)
     for workers in (1, 2):
@@ -175,8 +182,8 @@ def test_stage_2_runs_with_the_plans_settings(quick_report):
 
 
 def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
-    # The README's second command: train/grpo_decoder.py on the prepared world, from its start, with the held-out
-    # scenes evaluated before the first step and after the last.
+    # The toy world's third command in the README: train/grpo_decoder.py on the prepared world, from its start,
+    # with the held-out scenes evaluated before the first step and after the last.
     import shlex
 
     import train.grpo_decoder as gd
@@ -188,6 +195,31 @@ def test_the_main_job_runs_on_the_world_with_its_train_args(quick_report):
     evals = [json.loads(line) for line in (run / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in evals] == [0, 1] and len(evals[0]["eval_rewards"]) == toy_world.QUICK.n_heldout
     assert all(-1 <= x <= 1 for r in evals for x in r["eval_rewards"])
+
+
+def test_prepare_only_reuses_the_world_and_prints_the_main_job(quick_report, capsys):
+    # --prepare-only stops after the world: no job runs and the report stays as it was; it prints the main job's
+    # command on that world.
+    out, _ = quick_report
+    report_before = (out / "report.json").stat().st_mtime_ns
+    runs_before = sorted(p.name for p in (out / "runs").iterdir())
+    result = toy_world.main(["--out", str(out), "--quick", "--prepare-only"])
+    printed = capsys.readouterr().out
+    command = toy_world.main_job_command(toy_world.World(out / "world"), toy_world.QUICK)
+    assert result == {"world": str(out / "world"), "main_job": command}
+    assert "using the prepared world" in printed and command in printed and "running the pipeline" not in printed
+    assert f"$(cat {out / 'world' / 'train.args'})" in command and "--steps 2 " in command
+    assert (out / "report.json").stat().st_mtime_ns == report_before
+    assert sorted(p.name for p in (out / "runs").iterdir()) == runs_before
+
+
+def test_the_readme_runs_the_main_job_on_the_world_with_the_plans_stage_3():
+    # The README's command for the main job on the world is the one --prepare-only prints for the default plan.
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    joined = re.sub(r"\\\n\s+", "", readme)  # backslash-continued lines joined
+    command = toy_world.main_job_command(toy_world.World(Path("runs/toy_world/world")), toy_world.Plan())
+    assert command in joined
+    assert "python -m eval.toy_world --out runs/toy_world --prepare-only" in readme
 
 
 def test_the_prepared_world_is_reused_and_never_mixed(quick_report, capsys):

@@ -303,12 +303,17 @@ def test_device_cuda_without_a_gpu_is_a_usage_error(monkeypatch):
 
 
 def test_a_bad_value_is_one_line_on_the_command_line(tmp_path):
-    proc = subprocess.run([sys.executable, str(ROOT / "train" / "grpo_decoder.py"), "--noise-level", "0",
+    # noise level 1 is refused by the sampler: the option check refuses it before anything loads.
+    proc = subprocess.run([sys.executable, str(ROOT / "train" / "grpo_decoder.py"), "--noise-level", "1",
                            "--out", str(tmp_path / "x")], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines() == [
-        "grpo_decoder.py: error: --noise-level must be > 0 (the SDE step's Gaussian needs a positive std), got 0.0"]
+        "grpo_decoder.py: error: --noise-level must lie in (0, 1) (the SDE step's Gaussian needs a positive std; "
+        "the sampler takes a < 1), got 1.0"]
     assert not (tmp_path / "x").exists()  # nothing started
+    from train.grpo_decoder import Options
+    with pytest.raises(UsageError, match=r"--noise-level must lie in \(0, 1\) .*got 0.0"):
+        parse_options(Options, ["--noise-level", "0"])
 
 
 def test_warn_zero_advantages(capsys):

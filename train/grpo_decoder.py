@@ -119,8 +119,9 @@ class Options(RunOptions):
         require(self.images_per_step >= 1, f"--images-per-step must be >= 1, got {self.images_per_step}")
         require(self.group_size >= 1, f"--group-size must be >= 1, got {self.group_size}")
         sde_steps_of(self)
-        require(finite(self.noise_level) and self.noise_level > 0,
-                f"--noise-level must be > 0 (the SDE step's Gaussian needs a positive std), got {self.noise_level}")
+        require(finite(self.noise_level) and 0 < self.noise_level < 1,
+                f"--noise-level must lie in (0, 1) (the SDE step's Gaussian needs a positive std; the sampler takes "
+                f"a < 1), got {self.noise_level}")
         require(finite(self.guidance_scale) and self.guidance_scale >= 1,
                 f"--guidance-scale must be >= 1 (1 = no CFG), got {self.guidance_scale}")
         require(self.init_noise in ("trajectory", "group"),
