@@ -20,15 +20,15 @@ Launch:
     # 1 GPU, official weights, the paper's (Flow-GRPO's) hyper-parameters spelled out
     torchrun --nproc_per_node=1 train/grpo_decoder.py --uae ckpt/UAE --clip ckpt/clip-vit-large-patch14 \
         --data data/images/ --dtype bf16 --size 512 --group-size 8 --images-per-step 1 --sample-steps 10 \
-        --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 --minibatches 2 --lr 3e-4 \
-        --weight-decay 1e-4 --lora-rank 32 --lora-alpha 64 --steps 1000 --out runs/grpo_decoder
+        --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 --adv-std global --minibatches 2 \
+        --lr 3e-4 --weight-decay 1e-4 --lora-rank 32 --lora-alpha 64 --steps 1000 --out runs/grpo_decoder
     # 8 GPUs (trajectories sharded across ranks, rewards all-gathered for the advantages), as the pipeline's last
     # stage: starting from the captioner's GRPO run (stage 2) with --init
     torchrun --nproc_per_node=8 train/grpo_decoder.py --uae ckpt/UAE --init runs/grpo_encoder \
         --clip ckpt/clip-vit-large-patch14 --data data/images/ --dtype bf16 --size 512 --group-size 24 \
         --images-per-step 8 --sample-steps 10 --noise-level 0.7 --guidance-scale 4.5 --clip-eps 1e-4 --beta 0.04 \
-        --minibatches 2 --lr 3e-4 --weight-decay 1e-4 --lora-rank 32 --lora-alpha 64 --steps 1000 \
-        --out runs/grpo_decoder
+        --adv-std global --minibatches 2 --lr 3e-4 --weight-decay 1e-4 --lora-rank 32 --lora-alpha 64 \
+        --steps 1000 --out runs/grpo_decoder
     # resume: the same command with --resume
 
 With --eval-data, the EMA adapter (what evaluation loads) is evaluated on held-out images before the first step and
@@ -100,7 +100,8 @@ class Options(RunOptions):
     clip_eps: float = option(1e-4, "ratio clip range")
     adv_clip: float = option(5.0, "advantage clamp")
     adv_std: str = option("group", "advantage normalisation: group (each group's own std, the paper's equation) | "
-                                   "global (the std of all the step's rewards, Flow-GRPO's sample.global_std)")
+                                   "global (the std of all the step's rewards, Flow-GRPO's sample.global_std, which "
+                                   "its SD3 configs set)")
     beta: float = option(0.0, "KL coefficient, on Flow-GRPO's scale (paper: 0.04); 0 skips the reference forward")
     weight_decay: float = option(1e-4, "AdamW weight decay")
     lora_targets: str = option(DIT_LORA_TARGETS, "comma-separated DiT module names that get LoRA")
