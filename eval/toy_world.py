@@ -851,8 +851,9 @@ def main(argv: list[str] | None = None) -> dict:
     w = prepare_world(Path(a.world) if a.world else out / "world", plan, a.rebuild)
     prepare_s = time.perf_counter() - t0
     if a.prepare_only:
-        print(f"toy world: prepared in {w.folder}; the main job on it:\n    {main_job_command(w, plan)}", flush=True)
-        return {"world": str(w.folder), "main_job": main_job_command(w, plan)}
+        command = main_job_command(w, plan)
+        print(f"toy world: prepared in {w.folder}; the main job on it:\n    {command}", flush=True)
+        return {"world": str(w.folder), "main_job": command}
     t1 = time.perf_counter()
     runs_dir = out / "runs"
     jobs = pipeline_jobs(w, plan, runs_dir)
