@@ -305,8 +305,6 @@ def step_generator(seed: int, step: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed * 100_003 + step)
 
 
-
-
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
@@ -329,13 +327,19 @@ def lr_multiplier(step: int, steps: int, warmup: int = 0, schedule: str = "const
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def set_lr(opt: torch.optim.Optimizer, opts, step: int) -> float:
-    """Set every parameter group's learning rate for `step` from --lr, --lr-schedule and --warmup-steps;
-    returns it (a metric)."""
-    lr = opts.lr * lr_multiplier(step, opts.steps, opts.warmup_steps, opts.lr_schedule)
+def set_scheduled_lr(opt: torch.optim.Optimizer, base_lr: float, step: int, steps: int, warmup: int,
+                     schedule: str) -> float:
+    """Set every parameter group's learning rate to base_lr * lr_multiplier(step, steps, warmup, schedule); returns
+    it (a metric)."""
+    lr = base_lr * lr_multiplier(step, steps, warmup, schedule)
     for group in opt.param_groups:
         group["lr"] = lr
     return lr
+
+
+def set_lr(opt: torch.optim.Optimizer, opts, step: int) -> float:
+    """`set_scheduled_lr` for `step` from a script's --lr, --steps, --warmup-steps and --lr-schedule."""
+    return set_scheduled_lr(opt, opts.lr, step, opts.steps, opts.warmup_steps, opts.lr_schedule)
 
 
 def parse_dtype(name: str) -> torch.dtype:

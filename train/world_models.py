@@ -48,7 +48,7 @@ from model.qwen2_5_vl_processor import (DEFAULT_SYSTEM_MESSAGE, QWEN_SPECIAL_TOK
 from model.uae import CAPTION_PROMPT, NEGATIVE_PROMPT, UNIFIED_BENCH_PROMPT, UAESettings
 from model.vae import VAE, VAEConfig
 from train import world
-from train.common import lr_multiplier
+from train.common import set_scheduled_lr
 from weights import rename_keys, save_safetensors
 
 __all__ = ["IMAGE_SIZE", "IMAGE_CONFIG", "LVLM_HIDDEN", "DIT_CONFIG", "CONNECTOR_CONFIG", "VAE_CONFIG",
@@ -224,8 +224,7 @@ def train_vae(images: list[Image.Image], steps: int, seed: int, log: Callable[[s
     warmup = max(1, steps // 20)
     start = time.perf_counter()
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_multiplier(step + 1, steps, warmup, "cosine")
+        set_scheduled_lr(opt, lr, step + 1, steps, warmup, "cosine")
         batch = x[torch.randint(len(x), (batch_size,), generator=g)]
         mean, logvar = vae.encode_dist(batch)
         z = mean + torch.exp(0.5 * logvar) * torch.randn(mean.shape, generator=g)
@@ -305,8 +304,7 @@ def train_clip(images: list[Image.Image], captions: list[str], steps: int, seed:
     labels = torch.arange(batch_size)
     start = time.perf_counter()
     for step in range(steps):
-        for group in opt.param_groups:
-            group["lr"] = lr * lr_multiplier(step + 1, steps, warmup, "cosine")
+        set_scheduled_lr(opt, lr, step + 1, steps, warmup, "cosine")
         if at + batch_size > len(order):
             order, at = torch.randperm(len(x), generator=g), 0
         index, at = order[at:at + batch_size], at + batch_size
